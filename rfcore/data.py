@@ -1,0 +1,663 @@
+"""Image datasets (synthetic, image folders, Imagenette, ingested Zarr), batching, sharding and ingest.
+
+Every dataset yields *preprocessed but un-normalized* uint8 ``(3, S, S)`` images: the shorter side is
+resized to ``resize`` (default ``size``) and the centre ``size x size`` crop is kept. Unreadable images
+raise :class:`BadImageError`; :func:`iter_batches` leaves them out of their batch and lists them.
+"""
+
+from __future__ import annotations
+
+import abc
+import difflib
+import functools
+import os
+import posixpath
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import zarr
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from rfcore.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+ZARR_FORMAT = "rfatlas-images-v1"
+_SPEC_FORMS = "synthetic[:N], synthetic-train[:N], imagefolder:PATH, imagenette[:val|train], zarr:URL"
+_SPEC_KINDS = ("synthetic", "synthetic-train", "imagefolder", "imagenette", "zarr")
+_CHUNK_BYTES = 16 * 2**20  # target size of one Zarr image chunk
+
+
+class BadImageError(DataError):
+    """One image is unreadable or corrupt; carries the file (``path``) and a one-line ``reason``."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = " ".join(reason.split())
+        super().__init__(f"bad image {path}: {self.reason}")
+
+
+@dataclass
+class SkippedImage:
+    """A dataset image left out of a batch: its index, file and why."""
+
+    index: int
+    path: str
+    reason: str
+
+
+@dataclass
+class Batch:
+    """Consecutive dataset indices, minus the unreadable ones (listed in ``skipped``)."""
+
+    images: Tensor  # uint8 (B, 3, S, S)
+    labels: Tensor  # int64 (B,)
+    indices: Tensor  # int64 (B,), increasing
+    skipped: list[SkippedImage] = field(default_factory=list)
+
+    def pin_memory(self) -> Batch:
+        """Copy of this batch in page-locked memory (used by DataLoader's pin_memory)."""
+        return Batch(
+            self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.skipped
+        )
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What :func:`ingest` wrote."""
+
+    url: str
+    num_images: int
+    skipped: list[SkippedImage]
+
+
+class ImageDataset(abc.ABC):
+    """Random-access dataset of preprocessed uint8 images; deterministic and picklable."""
+
+    spec: str
+    size: int
+    resize: int
+    class_names: list[str]
+
+    def __init__(self, spec: str, size: int, resize: int, class_names: list[str]) -> None:
+        self.spec, self.size, self.resize, self.class_names = spec, size, resize, class_names
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 for unlabelled data)."""
+        return len(self.class_names)
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def get(self, index: int) -> tuple[np.ndarray, int]:
+        """uint8 ``(3, S, S)`` image and label (-1 if unlabelled); BadImageError if unreadable."""
+
+    def describe(self, index: int) -> str:
+        """Where image ``index`` comes from: a file path or ``spec[index]``."""
+        return f"{self.spec}[{index}]"
+
+    def _check_index(self, index: int) -> int:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.spec} ({len(self)} images)")
+        return int(index)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec!r} n={len(self)} size={self.size} resize={self.resize}>"
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+
+@dataclass(frozen=True)
+class SyntheticClass:
+    """Ground truth of one synthetic class.
+
+    ``orientation``: angle of the bars in degrees, counter-clockwise from horizontal (the grating's wave
+    vector is perpendicular to it); ``cycles``: grating periods per image side; ``colour``: the opponent
+    axis the grating modulates ("red-green" or "blue-yellow").
+    """
+
+    name: str
+    orientation: float
+    cycles: float
+    colour: str
+
+
+_LOW, _HIGH = 3.0, 8.0
+_OPPONENT = {"red-green": (0.5, -0.5, 0.0), "blue-yellow": (0.35, 0.35, -0.5)}
+SYNTHETIC_CLASSES: tuple[SyntheticClass, ...] = tuple(
+    SyntheticClass(f"{o}deg-{'low' if c == _LOW else 'high'}sf-{col.replace('-', '')}", o, c, col)
+    for o, c, col in (
+        (0.0, _LOW, "red-green"),
+        (45.0, _LOW, "red-green"),
+        (90.0, _LOW, "red-green"),
+        (135.0, _LOW, "red-green"),
+        (0.0, _HIGH, "blue-yellow"),
+        (45.0, _HIGH, "blue-yellow"),
+        (90.0, _HIGH, "blue-yellow"),
+        (135.0, _HIGH, "blue-yellow"),
+        (0.0, _HIGH, "red-green"),
+        (90.0, _LOW, "blue-yellow"),
+    )
+)
+_SPLIT_SEEDS = {"synthetic": 0x5EED_0A1, "synthetic-train": 0x5EED_7A1}
+
+
+def _interp_weights(u: np.ndarray, cells: int) -> np.ndarray:
+    """(len(u), cells+1) linear-interpolation weights of positions u in [0, 1] on a grid of cells."""
+    pos = np.clip(u, 0.0, 1.0) * cells
+    lo = np.minimum(pos.astype(np.int64), cells - 1)
+    frac = pos - lo
+    w = np.zeros((u.size, cells + 1))
+    rows = np.arange(u.size)
+    w[rows, lo] = 1.0 - frac
+    w[rows, lo + 1] = frac
+    return w
+
+
+def synthetic_image(split: str, index: int, size: int, resize: int | None = None) -> tuple[np.ndarray, int]:
+    """Image ``index`` of a synthetic split, rendered at ``resize`` and centre-cropped to ``size``.
+
+    A coloured opponent grating (sinusoid or square-wave edges) of the class's orientation, spatial
+    frequency and colour axis, under a Gaussian envelope at a random position, on a random smooth
+    colour texture plus pixel noise. Phase, position, contrast, +-7.5 deg orientation and +-10 %
+    frequency jitter are drawn from a generator seeded by (split, index) only.
+    """
+    resize = size if resize is None else resize
+    label = index % len(SYNTHETIC_CLASSES)
+    cls = SYNTHETIC_CLASSES[label]
+    rng = np.random.default_rng([_SPLIT_SEEDS[split], index])
+    top = round((resize - size) / 2)
+    u = (np.arange(size) + top + 0.5) / resize
+    x, y = u[None, :], u[:, None]
+    weights = _interp_weights(u, 6)
+    texture = weights @ rng.standard_normal((3, 7, 7)) @ weights.T
+    image = rng.uniform(0.35, 0.65) + rng.uniform(0.05, 0.15) * texture
+    noise = np.random.default_rng([_SPLIT_SEEDS[split], index, 1]).standard_normal((3, resize, resize))
+    image += rng.uniform(0.01, 0.04) * noise[:, top : top + size, top : top + size]
+    theta = np.deg2rad(cls.orientation + rng.uniform(-7.5, 7.5))
+    freq = cls.cycles * rng.uniform(0.9, 1.1)
+    wave = np.sin(2 * np.pi * freq * (-np.sin(theta) * x - np.cos(theta) * y) + rng.uniform(0, 2 * np.pi))
+    if rng.random() < 0.5:
+        wave = np.tanh(3.0 * wave) / np.tanh(3.0)
+    cy, cx = rng.uniform(0.3, 0.7, size=2)
+    sigma = rng.uniform(0.2, 0.35)
+    envelope = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+    amplitude = rng.uniform(0.5, 1.0) * 0.8
+    image += amplitude * np.asarray(_OPPONENT[cls.colour])[:, None, None] * (envelope * wave)[None]
+    return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), label
+
+
+class SyntheticDataset(ImageDataset):
+    """Procedural images whose 10 classes differ only in orientation, spatial frequency and colour."""
+
+    def __init__(self, split: str, n: int, size: int, resize: int) -> None:
+        super().__init__(f"{split}:{n}", size, resize, [c.name for c in SYNTHETIC_CLASSES])
+        self.split, self.n = split, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, index: int) -> tuple[np.ndarray, int]:
+        return synthetic_image(self.split, self._check_index(index), self.size, self.resize)
+
+    def describe(self, index: int) -> str:
+        return f"{self.split}[{index}]"
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _preprocess(image: Image.Image, size: int, resize: int) -> np.ndarray:
+    """Resize the shorter side to ``resize`` (bilinear, antialiased) and centre-crop ``size``; (3,S,S) uint8."""
+    w, h = image.size
+    if min(w, h) != resize:
+        if w <= h:
+            w, h = resize, int(resize * h / w)
+        else:
+            w, h = int(resize * w / h), resize
+        image = image.resize((w, h), Image.Resampling.BILINEAR)
+    top, left = round((h - size) / 2), round((w - size) / 2)
+    image = image.crop((left, top, left + size, top + size))
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+class FileDataset(ImageDataset):
+    """Image files read through fsspec and decoded with PIL; labels from their class folder (or -1)."""
+
+    def __init__(
+        self,
+        spec: str,
+        size: int,
+        resize: int,
+        fs: fsspec.AbstractFileSystem,
+        files: list[tuple[str, int]],
+        class_names: list[str],
+    ) -> None:
+        super().__init__(spec, size, resize, class_names)
+        self.fs, self.files = fs, files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self, index: int) -> str:
+        path = self.files[self._check_index(index)][0]
+        return path if "file" in _protocols(self.fs) else str(self.fs.unstrip_protocol(path))
+
+    def decode(self, index: int) -> tuple[Image.Image, int]:
+        """The full-size RGB image and its label; BadImageError if unreadable."""
+        path, label = self.files[self._check_index(index)]
+        try:
+            with self.fs.open(path, "rb") as f, Image.open(f) as image:
+                return image.convert("RGB"), label
+        except Exception as e:  # any failure to read or decode this one untrusted file
+            raise BadImageError(self.describe(index), f"{type(e).__name__}: {e}") from e
+
+    def get(self, index: int) -> tuple[np.ndarray, int]:
+        image, label = self.decode(index)
+        return _preprocess(image, self.size, self.resize), label
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _is_image(path: str) -> bool:
+    name = posixpath.basename(path)
+    return not name.startswith(".") and posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _open_folder(spec: str, location: str, size: int, resize: int) -> FileDataset:
+    """``PATH/<class>/<image>`` (classes sorted) or a flat folder of images (label -1)."""
+    try:
+        fs, root = fsspec.core.url_to_fs(location)
+        if not fs.isdir(root):
+            raise DataError(f"{spec}: no such folder")
+        paths = sorted(p for p in fs.find(root) if _is_image(p))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{spec}: cannot list folder ({type(e).__name__}: {e})") from e
+    root = root.rstrip("/")
+    nested = [p for p in paths if "/" in p[len(root) + 1 :]]
+    if nested:
+        class_names = sorted({p[len(root) + 1 :].split("/", 1)[0] for p in nested})
+        index = {name: i for i, name in enumerate(class_names)}
+        files = [(p, index[p[len(root) + 1 :].split("/", 1)[0]]) for p in nested]
+    else:
+        class_names, files = [], [(p, -1) for p in paths]
+    if not files:
+        raise DataError(f"{spec}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the folder")
+    return FileDataset(spec, size, resize, fs, files, class_names)
+
+
+def _open_imagenette(spec: str, split: str, size: int, resize: int) -> FileDataset:
+    """Imagenette (full size) under $RFATLAS_DATA_DIR or ~/.cache/rfatlas; downloads unless RFATLAS_OFFLINE."""
+    from torchvision.datasets import Imagenette
+
+    root = Path(os.environ.get("RFATLAS_DATA_DIR") or Path.home() / ".cache" / "rfatlas")
+    offline = os.environ.get("RFATLAS_OFFLINE", "") not in ("", "0")
+    try:
+        ds = Imagenette(str(root), split=split, download=not offline)
+    except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, ... when offline or corrupt
+        hint = (
+            "download disabled by RFATLAS_OFFLINE" if offline else f"download failed: {type(e).__name__}: {e}"
+        )
+        raise DataError(f"{spec}: Imagenette not found under {root} ({' '.join(hint.split())})") from e
+    files = [(str(p), int(label)) for p, label in ds._samples]
+    if not files:
+        raise DataError(f"{spec}: no images under {root}")
+    fs = fsspec.filesystem("file")
+    return FileDataset(spec, size, resize, fs, files, [names[0] for names in ds.classes])
+
+
+# ---------------------------------------------------------------------------------------------- zarr
+
+
+class ZarrDataset(ImageDataset):
+    """Images ingested by :func:`ingest`; reads one chunk at a time and keeps the last one."""
+
+    def __init__(self, spec: str, url: str, size: int, resize: int | None) -> None:
+        self.url = url
+        group = self._open_group()
+        attrs: dict[str, Any] = group.attrs.asdict()
+        if attrs.get("format") != ZARR_FORMAT:
+            raise DataError(f"{spec}: not a complete rfatlas image store (missing format={ZARR_FORMAT!r})")
+        stored_size, stored_resize = int(attrs["size"]), int(attrs["resize"])
+        if size != stored_size or (resize is not None and resize != stored_resize):
+            raise DataError(
+                f"{spec}: holds images preprocessed at size {stored_size} (resize {stored_resize}), "
+                f"not size {size} (resize {resize or size}); ingest again with those settings"
+            )
+        super().__init__(spec, size, stored_resize, list(attrs["class_names"]))
+        self.source = str(attrs["spec"])
+        self._labels = np.asarray(self._array(group, "labels")[:], dtype=np.int64)
+        self._valid = np.asarray(self._array(group, "valid")[:], dtype=bool)
+        self._bad = {int(s["index"]): (str(s["path"]), str(s["reason"])) for s in attrs.get("skipped", [])}
+        self._images: zarr.Array[Any] | None = None
+        self._block: tuple[int, np.ndarray] | None = None
+
+    def _open_group(self) -> zarr.Group:
+        try:
+            return zarr.open_group(self.url, mode="r")
+        except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError) as e:
+            raise DataError(f"zarr:{self.url}: cannot open image store ({type(e).__name__}: {e})") from e
+
+    def _array(self, group: zarr.Group, name: str) -> zarr.Array[Any]:
+        array = group.get(name)
+        if not isinstance(array, zarr.Array):
+            raise DataError(f"zarr:{self.url}: image store has no {name!r} array")
+        return array
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_images": None, "_block": None}
+
+    def __len__(self) -> int:
+        return int(self._labels.shape[0])
+
+    def get(self, index: int) -> tuple[np.ndarray, int]:
+        index = self._check_index(index)
+        if not self._valid[index]:
+            path, reason = self._bad.get(index, (self.describe(index), "not ingested"))
+            raise BadImageError(path, reason)
+        if self._images is None:
+            self._images = self._array(self._open_group(), "images")
+        chunk = int(self._images.chunks[0])
+        block = self._block
+        if block is None or block[0] != index // chunk:
+            start = index // chunk * chunk
+            block = (index // chunk, np.asarray(self._images[start : start + chunk]))
+            self._block = block
+        return block[1][index % chunk].copy(), int(self._labels[index])
+
+
+# ---------------------------------------------------------------------------------------------- open
+
+
+def _parse_count(spec: str, text: str | None, default: int) -> int:
+    if text is None:
+        return default
+    try:
+        n = int(text)
+    except ValueError:
+        raise DataError(
+            f"bad image count in {spec!r}: expected an integer, e.g. synthetic:{default}"
+        ) from None
+    if n < 0:
+        raise DataError(f"bad image count in {spec!r}: must be >= 0")
+    return n
+
+
+def open_dataset(spec: str, *, size: int, resize: int | None = None) -> ImageDataset:
+    """Open a dataset spec (see module doc); DataError if the spec is bad or the data missing or empty."""
+    requested, resize = resize, size if resize is None else resize
+    if size <= 0 or resize < size:
+        raise DataError(f"bad preprocessing: size {size}, resize {resize} (need 0 < size <= resize)")
+    kind, sep, arg = spec.partition(":")
+    if kind in ("synthetic", "synthetic-train"):
+        n = _parse_count(spec, arg if sep else None, 2000 if kind == "synthetic" else 10000)
+        if n == 0:
+            raise DataError(f"{spec}: empty dataset (0 images)")
+        return SyntheticDataset(kind, n, size, resize)
+    if kind == "imagefolder" and arg:
+        return _open_folder(spec, arg, size, resize)
+    if kind == "imagenette" and arg in ("", "val", "train"):
+        return _open_imagenette(spec, arg or "val", size, resize)
+    if kind == "zarr" and arg:
+        return ZarrDataset(spec, arg, size, requested)
+    guess = difflib.get_close_matches(kind.strip("[]"), _SPEC_KINDS, n=1, cutoff=0.6)
+    fixed = f"{guess[0]}{sep}{arg.strip('[]')}" if guess else spec
+    hint = f" (did you mean {fixed!r}?)" if fixed != spec else ""
+    raise DataError(f"unknown dataset spec {spec!r}{hint}; valid forms: {_SPEC_FORMS}")
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def shard_ranges(n: int, shard_size: int) -> list[range]:
+    """``range(0, n)`` cut into consecutive ranges of ``shard_size`` (the last may be shorter)."""
+    if n < 0 or shard_size <= 0:
+        raise DataError(f"bad sharding: {n} images in shards of {shard_size} (need n >= 0, shard size > 0)")
+    return [range(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def _index_chunks(indices: range, batch_size: int) -> list[range]:
+    if batch_size <= 0:
+        raise DataError(f"bad batch size {batch_size}: must be > 0")
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+_Item = tuple[np.ndarray, int, int] | SkippedImage
+
+
+class _Items(Dataset[_Item]):
+    """Map-style view for DataLoader: index -> (image, label, index), or SkippedImage if unreadable."""
+
+    def __init__(self, ds: ImageDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> _Item:
+        try:
+            image, label = self.ds.get(index)
+        except BadImageError as e:
+            return SkippedImage(int(index), e.path, e.reason)
+        return image, label, int(index)
+
+
+class _Collate:
+    """Stack the readable items of one index chunk into a Batch; list the others as skipped."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, items: Sequence[_Item]) -> Batch:
+        good = [it for it in items if not isinstance(it, SkippedImage)]
+        skipped = [it for it in items if isinstance(it, SkippedImage)]
+        if good:
+            images = torch.from_numpy(np.stack([it[0] for it in good]))
+        else:
+            images = torch.empty((0, 3, self.size, self.size), dtype=torch.uint8)
+        labels = torch.tensor([it[1] for it in good], dtype=torch.int64)
+        indices = torch.tensor([it[2] for it in good], dtype=torch.int64)
+        return Batch(images, labels, indices, skipped)
+
+
+def iter_batches(
+    ds: ImageDataset,
+    indices: range,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[Batch]:
+    """Batches of consecutive ``batch_size``-index chunks of ``indices``, in order.
+
+    Unreadable images are left out of their chunk's batch (which may then be empty) and listed in
+    ``Batch.skipped``, so batch composition depends only on ``indices`` and ``batch_size``. With
+    ``num_workers > 0`` a DataLoader decodes ahead in worker processes; ``pin_memory`` applies with CUDA.
+    """
+    chunks = _index_chunks(indices, batch_size)
+    pin = pin_memory and torch.cuda.is_available()
+    items, collate = _Items(ds), _Collate(ds.size)
+    if num_workers > 0:
+        loader = DataLoader(
+            items,
+            batch_sampler=[list(c) for c in chunks],
+            collate_fn=collate,
+            num_workers=num_workers,
+            pin_memory=pin,
+        )
+        yield from loader
+        return
+    for chunk in chunks:
+        batch = collate([items[i] for i in chunk])
+        yield batch.pin_memory() if pin else batch
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _augmentable(ds: ImageDataset) -> bool:
+    """Flips and zooms would change a synthetic image's class (its orientation and frequency)."""
+    source = ds.source if isinstance(ds, ZarrDataset) else ds.spec
+    return not source.startswith("synthetic")
+
+
+class _TrainItems(Dataset[tuple[Tensor, int] | None]):
+    """index -> (uint8 (3,S,S) tensor, label), randomly resized-cropped and flipped if augmenting; None if bad."""
+
+    def __init__(self, ds: ImageDataset, augment: bool) -> None:
+        from torchvision.transforms import v2
+
+        self.ds = ds
+        self.augment: v2.Transform | None = None
+        if augment and _augmentable(ds):
+            self.augment = v2.Compose(
+                [
+                    v2.RandomResizedCrop(ds.size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+                    v2.RandomHorizontalFlip(),
+                ]
+            )
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        try:
+            if self.augment is not None and isinstance(self.ds, FileDataset):
+                image, label = self.ds.decode(index)  # crop from the full image, not the centre crop
+                tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
+            else:
+                array, label = self.ds.get(index)
+                tensor = torch.from_numpy(array)
+        except BadImageError:
+            return None
+        if self.augment is not None:
+            tensor = self.augment(tensor)
+        return tensor, label
+
+
+def _collate_train(size: int, items: Sequence[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor]:
+    good = [it for it in items if it is not None]
+    if not good:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    return torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good], dtype=torch.int64)
+
+
+def training_loader(
+    spec: str,
+    *,
+    size: int,
+    batch_size: int,
+    augment: bool,
+    resize: int | None = None,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader[Any]:
+    """Labelled ``(images uint8 (B,3,S,S), labels int64 (B,))`` batches for training; bad images dropped.
+
+    ``augment``: RandomResizedCrop(size, scale (0.08, 1), ratio (3/4, 4/3)) of the full decoded image
+    plus a horizontal flip (the paper's recipe); a no-op for synthetic data, whose class is its
+    orientation and frequency. Without ``augment`` images are the usual resize + centre crop.
+    ``seed`` fixes the shuffle order and the workers' random streams (in-process loading, with
+    ``num_workers=0``, augments from torch's global RNG).
+    """
+    ds = open_dataset(spec, size=size, resize=resize)
+    if ds.num_classes == 0:
+        raise DataError(f"{spec}: training needs labelled images (class folders)")
+    if batch_size <= 0:
+        raise DataError(f"bad batch size {batch_size}: must be > 0")
+    return DataLoader(
+        _TrainItems(ds, augment),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=functools.partial(_collate_train, ds.size),
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- ingest
+
+
+def ingest(
+    spec: str,
+    url: str,
+    *,
+    size: int,
+    resize: int | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> IngestResult:
+    """Decode and preprocess ``spec`` once into a chunked uint8 Zarr group at ``url`` (overwritten).
+
+    Layout: ``images`` (image, color, y, x) uint8, ``labels`` (image,) int64, ``valid`` (image,) bool;
+    attrs ``format``, ``spec``, ``size``, ``resize``, ``class_names``, ``skipped``. Unreadable images
+    keep their index (zero pixels, label -1, valid False) and are listed in ``skipped``. Read it back
+    with ``open_dataset("zarr:" + url, size=size, resize=resize)``.
+    """
+    from tqdm.auto import tqdm
+
+    ds = open_dataset(spec, size=size, resize=resize)
+    n, s = len(ds), ds.size
+    chunk = max(1, min(512, _CHUNK_BYTES // (3 * s * s)))
+    try:
+        root = zarr.open_group(url, mode="w")
+    except (OSError, ValueError, zarr.errors.BaseZarrError) as e:
+        raise DataError(f"cannot write image store {url} ({type(e).__name__}: {e})") from e
+    images = root.create_array(
+        "images", shape=(n, 3, s, s), chunks=(chunk, 3, s, s), dtype="uint8", fill_value=0,
+        dimension_names=("image", "color", "y", "x"),
+    )  # fmt: skip
+    labels = root.create_array(
+        "labels", shape=(n,), chunks=(n,), dtype="int64", fill_value=-1, dimension_names=("image",)
+    )
+    valid = root.create_array(
+        "valid", shape=(n,), chunks=(n,), dtype="bool", fill_value=False, dimension_names=("image",)
+    )
+    all_labels = np.full(n, -1, dtype=np.int64)
+    all_valid = np.zeros(n, dtype=bool)
+    skipped: list[SkippedImage] = []
+    ranges = shard_ranges(n, chunk)
+    batches = iter_batches(ds, range(n), chunk, num_workers=num_workers)
+    with tqdm(total=n, unit="img", desc=f"ingest {spec}", disable=not progress) as bar:
+        for block_range, batch in zip(ranges, batches, strict=True):
+            block = np.zeros((len(block_range), 3, s, s), dtype=np.uint8)
+            rows = batch.indices.numpy() - block_range.start
+            block[rows] = batch.images.numpy()
+            images[block_range.start : block_range.stop] = block
+            all_labels[batch.indices.numpy()] = batch.labels.numpy()
+            all_valid[batch.indices.numpy()] = True
+            skipped.extend(batch.skipped)
+            bar.update(len(block_range))
+    labels[:] = all_labels
+    valid[:] = all_valid
+    root.attrs.update(
+        {
+            "format": ZARR_FORMAT,
+            "spec": spec,
+            "size": s,
+            "resize": ds.resize,
+            "class_names": ds.class_names,
+            "skipped": [{"index": k.index, "path": k.path, "reason": k.reason} for k in skipped],
+        }
+    )
+    return IngestResult(url, n, skipped)

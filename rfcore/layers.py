@@ -1,0 +1,250 @@
+"""Analyzable layers of a CNN: listing them, resolving a layer spec, capturing their outputs with hooks."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from rfcore.errors import RfatlasError, UnknownLayerError
+
+_Hook = Callable[[nn.Module, tuple[Any, ...], Any], None]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """An analyzable layer: `named_modules()` path, kind, output channels, feature-map (H, W)."""
+
+    name: str
+    kind: str  # 'conv' | 'pool' | 'block' | 'relu' | 'linear'
+    channels: int
+    shape: tuple[int, int]  # (1, 1) for flat (B, C) outputs
+
+
+def default_input_size(model: nn.Module, input_size: int | None = None) -> int:
+    """`input_size`, else the model's `rfatlas_meta.preprocessing.size`, else 224."""
+    if input_size is not None:
+        return int(input_size)
+    meta = getattr(model, "rfatlas_meta", None)
+    return int(meta.preprocessing.size) if meta is not None else 224
+
+
+def model_name(model: nn.Module) -> str:
+    """The registry name (`rfatlas_meta.name`) or the lower-cased class name, for messages."""
+    meta = getattr(model, "rfatlas_meta", None)
+    return str(meta.name) if meta is not None else type(model).__name__.lower()
+
+
+def dummy_input(model: nn.Module, input_size: int, fill: float = 0.0) -> Tensor:
+    """A (1, 3, S, S) tensor filled with `fill`, on the model's device and in its dtype."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    return torch.full((1, 3, input_size, input_size), fill, device=device, dtype=dtype)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode (no BatchNorm statistics updates); restore the flags afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def run_dummy(model: nn.Module, x: Tensor) -> None:
+    """Forward `x` in eval mode without gradients; a failing forward becomes a one-line RfatlasError."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RfatlasError(
+            f"cannot run {model_name(model)} on a {x.shape[-2]}x{x.shape[-1]} input: {first}"
+        ) from exc
+
+
+def _kind(module: nn.Module, parent: nn.Module | None) -> str | None:
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)):
+        return "pool"
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (BasicBlock, Bottleneck)):
+        return "block"
+    is_container = isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    if isinstance(parent, nn.Sequential) and not is_container and next(module.children(), None) is not None:
+        return "block"  # a composite stage element, e.g. a PlainNet block inside `layerN`
+    return None
+
+
+def list_layers(model: nn.Module, input_size: int | None = None) -> list[LayerInfo]:
+    """Analyzable layers in forward order, with output shapes from one dummy forward pass.
+
+    Analyzable: convs, pools, ReLUs, linears, and blocks (children of a `nn.Sequential` stage that
+    are themselves composite, e.g. ResNet's `layer1.0`). Modules run more than once per forward pass
+    (ResNet's shared per-block `relu`) or never run are not well-defined layers and are skipped.
+    """
+    size = default_input_size(model, input_size)
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    shapes: dict[str, torch.Size] = {}
+
+    def make_hook(name: str) -> _Hook:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(output, Tensor):
+                shapes[name] = output.shape
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items() if n]
+    try:
+        run_dummy(model, dummy_input(model, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    layers = []
+    for name in calls:  # dicts keep insertion order: the order of first completion
+        shape = shapes.get(name)
+        if calls[name] != 1 or shape is None or len(shape) not in (2, 4):
+            continue
+        kind = _kind(modules[name], modules[name.rpartition(".")[0]])
+        if kind is not None:
+            hw = (int(shape[2]), int(shape[3])) if len(shape) == 4 else (1, 1)
+            layers.append(LayerInfo(name, kind, int(shape[1]), hw))
+    return layers
+
+
+def _unknown(model: nn.Module, name: str, candidates: Sequence[str]) -> UnknownLayerError:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"see `rfatlas rf --model {model_name(model)}`"
+    return UnknownLayerError(f"unknown layer {name!r} for {model_name(model)}; {hint}")
+
+
+def _default_layers(model: nn.Module, layers: list[LayerInfo]) -> list[str]:
+    blocks = [layer.name for layer in layers if layer.kind == "block"]
+    if blocks:  # ResNet-like: the stem's convs and pools (outside and before the blocks), then every block
+        first = next(i for i, layer in enumerate(layers) if f"{layer.name}.".startswith(f"{blocks[0]}."))
+        stem = [layer.name for layer in layers[:first] if layer.kind in ("conv", "pool")]
+        return stem + blocks
+    names = []  # VGG-like: every ReLU right after a conv, every max-pool
+    for i, layer in enumerate(layers):
+        after_conv = layer.kind == "relu" and i > 0 and layers[i - 1].kind == "conv"
+        if after_conv or isinstance(model.get_submodule(layer.name), nn.MaxPool2d):
+            names.append(layer.name)
+    return names
+
+
+def resolve_layers(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
+    """Layer names for a spec: 'default', 'all', 'all-conv', 'a,b,c' or a list; forward order, no repeats."""
+    layers = list_layers(model)
+    names = [layer.name for layer in layers]
+    if isinstance(spec, str):
+        if spec.strip() == "default":
+            return _default_layers(model, layers)
+        if spec.strip() == "all":
+            return names
+        if spec.strip() == "all-conv":
+            return [layer.name for layer in layers if layer.kind == "conv"]
+        requested = [part.strip() for part in spec.split(",") if part.strip()]
+    else:
+        requested = [str(part).strip() for part in spec]
+    if not requested:
+        raise UnknownLayerError(f"no layers requested for {model_name(model)}")
+    modules = dict(model.named_modules())
+    for name in requested:
+        if name in names:
+            continue
+        if name in modules and name:
+            raise UnknownLayerError(
+                f"layer {name!r} of {model_name(model)} is not analyzable "
+                "(only convs, pools, blocks, ReLUs and linears run once per forward pass)"
+            )
+        raise _unknown(model, name, names)
+    wanted = set(requested)
+    return [name for name in names if name in wanted]
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to end the forward pass once every requested output is in."""
+
+
+class capture:  # lower-case: used like a function: `with capture(model, layers) as cap:`
+    """Record the outputs of the named modules; hooks exist only inside the `with` block.
+
+    While active, every module with an `inplace` flag (ReLU, ...) runs out of place, so a captured
+    conv output is not overwritten by the following ReLU. With `stop_early`, the forward pass is
+    cut off right after the last requested output is produced. Outputs keep their autograd graph.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], *, stop_early: bool = False) -> None:
+        self.model = model
+        self.layers = list(dict.fromkeys(layers))
+        self.stop_early = stop_early
+        self.outputs: dict[str, Tensor] = {}
+        modules = dict(model.named_modules())
+        for name in self.layers:
+            if not name or name not in modules:
+                raise _unknown(model, name, [n for n in modules if n])
+        self._modules = [(name, modules[name]) for name in self.layers]
+        self._handles: list[RemovableHandle] = []
+        self._inplace: list[nn.Module] = []
+        self._active = False
+
+    def _hook(self, name: str) -> _Hook:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor):
+                self.outputs[name] = output
+            if self.stop_early and len(self.outputs) == len(self.layers):
+                raise _StopForward
+
+        return hook
+
+    def __enter__(self) -> capture:
+        self._inplace = [m for m in self.model.modules() if getattr(m, "inplace", None) is True]
+        for m in self._inplace:
+            m.inplace = False  # type: ignore[assignment]
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._modules]
+        self._active = True
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for m in self._inplace:
+            m.inplace = True  # type: ignore[assignment]
+        self._handles, self._inplace, self._active = [], [], False
+
+    def run(self, x: Tensor) -> dict[str, Tensor]:
+        """Forward `x` (stopping early if asked) and return the captured outputs by layer name."""
+        if not self._active:
+            raise RuntimeError("capture.run() needs an active `with capture(...)` block")
+        self.outputs = {}
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        for name in self.layers:
+            if name not in self.outputs:
+                raise UnknownLayerError(
+                    f"layer {name!r} of {model_name(self.model)} produced no tensor output"
+                )
+        return self.outputs

@@ -1,0 +1,494 @@
+"""Noise injection into inactive channels (Kobayashi & Shouno 2020, §3.5, Table 1).
+
+Conditions: `baseline` (no noise); `all` (noise into every inactive channel); `random-one` (into one
+inactive channel per mini-batch); `control` (into as many random *active* channels per mini-batch).
+Noise is ε = max(σ·z, 0), z ~ N(0, 1) i.i.d. per position, added by a forward hook at the layer.
+
+Reproducibility: each image's noise comes from a counter-based hash of (seed, condition, dataset
+index, element), and channel choices from (seed, condition, index // block_size), where block_size
+is the run's batch size; so results do not depend on sharding or on how batches are formed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from numpy.typing import NDArray
+from torch import Tensor, nn
+
+from rfcore.data import ImageDataset, iter_batches, shard_ranges
+from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError
+from rfcore.inactive import BatchLike, module_at, read_inactive
+from rfcore.models import model_meta
+from rfcore.schema import spec
+from rfcore.store import AtlasStore, redact
+
+CONDITIONS: tuple[str, ...] = ("baseline", "all", "random-one", "control")
+
+_M32 = 0xFFFFFFFF
+
+
+def check_conditions(conditions: Iterable[str]) -> tuple[str, ...]:
+    """The conditions in canonical order; RfatlasError for an unknown one."""
+    wanted = tuple(conditions)
+    unknown = [c for c in wanted if c not in CONDITIONS]
+    if unknown:
+        raise RfatlasError(f"unknown noise condition {unknown[0]!r}; choose from {', '.join(CONDITIONS)}")
+    return tuple(c for c in CONDITIONS if c in wanted)
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for 0 <= x < 2**32 in int64 without overflow."""
+    return (((x & 0xFFFF) * c) + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix(x: Tensor) -> Tensor:
+    """lowbias32 integer hash (C. Wellons) on uint32 values held in int64."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def image_normal(indices: Tensor, shape: tuple[int, ...], *, seed: int, stream: int) -> Tensor:
+    """Standard normal noise (B, *shape), float32 on `indices.device`; image b's values depend only
+    on (seed, stream, indices[b]) and the element's flat position."""
+    device = indices.device
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    counter = torch.arange(pairs, device=device, dtype=torch.int64)
+    base = _mix(torch.tensor([(seed & _M32) ^ 0x9E3779B9], device=device, dtype=torch.int64))
+    base = _mix(base ^ ((seed >> 32) & _M32) ^ _mix(base.new_tensor([stream & _M32])))
+    key = _mix(base ^ _mix(indices.to(torch.int64) & _M32))[:, None]
+    a = _mix(_mix(2 * counter)[None] ^ key)
+    b = _mix(_mix(2 * counter + 1)[None] ^ key)
+    u1 = ((a >> 8) + 1).to(torch.float32) * 2.0**-24  # (0, 1]
+    u2 = (b >> 8).to(torch.float32) * 2.0**-24  # [0, 1)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    theta = (2.0 * math.pi) * u2
+    z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n]
+    return z.reshape(indices.shape[0], *shape)
+
+
+def block_channels(
+    condition: str, inactive: NDArray[np.bool_], block: int, *, seed: int
+) -> NDArray[np.int64]:
+    """Channels that get noise under `condition` in mini-batch block `block` (sorted)."""
+    dead = np.flatnonzero(inactive).astype(np.int64)
+    live = np.flatnonzero(~inactive).astype(np.int64)
+    if condition == "baseline":
+        return dead[:0]
+    if condition == "all":
+        return dead
+    rng = np.random.default_rng([seed & _M32, CONDITIONS.index(condition), block])
+    if condition == "random-one":
+        return dead[rng.integers(len(dead))][None] if len(dead) else dead
+    k = min(len(dead), len(live))
+    return np.sort(rng.choice(live, size=k, replace=False)).astype(np.int64)
+
+
+class NoiseInjector:
+    """Forward hook adding ε = max(σ·z, 0) to the chosen channels of a layer's output."""
+
+    def __init__(
+        self, condition: str, inactive: NDArray[np.bool_], *, sigma: float, seed: int, block_size: int
+    ) -> None:
+        check_conditions([condition])
+        if block_size < 1:
+            raise RfatlasError(f"block size must be >= 1, got {block_size}")
+        self.condition = condition
+        self.inactive = np.asarray(inactive, dtype=np.bool_)
+        self.sigma = float(sigma)
+        self.seed = int(seed)
+        self.block_size = int(block_size)
+        self._indices: Tensor | None = None
+        self._channels: Tensor | None = None
+
+    def set_batch(self, indices: Tensor) -> None:
+        """Dataset indices of the next forward pass (on the model's device)."""
+        blocks = (indices.cpu().numpy() // self.block_size).astype(np.int64)
+        uniq, inverse = np.unique(blocks, return_inverse=True)
+        table = np.stack(
+            [block_channels(self.condition, self.inactive, int(b), seed=self.seed) for b in uniq]
+        )
+        self._indices = indices
+        self._channels = torch.from_numpy(table[inverse]).to(indices.device, non_blocking=True)
+
+    def __call__(self, module: nn.Module, inputs: Any, out: Tensor) -> Tensor:
+        if self._indices is None or self._channels is None:
+            raise RuntimeError("NoiseInjector.set_batch was not called before the forward pass")
+        if out.shape[1] != len(self.inactive):
+            raise RfatlasError(
+                f"layer has {out.shape[1]} channels but the inactive mask has {len(self.inactive)}"
+            )
+        chans = self._channels
+        k = chans.shape[1]
+        if k == 0:
+            return out
+        spatial = tuple(out.shape[2:])
+        stream = CONDITIONS.index(self.condition)
+        eps = (image_normal(self._indices, (k, *spatial), seed=self.seed, stream=stream) * self.sigma).clamp_(
+            min=0
+        )
+        index = chans.view(chans.shape[0], k, *([1] * len(spatial))).expand(eps.shape)
+        return out.scatter_add(1, index, eps.to(out.dtype))
+
+
+@contextmanager
+def injected(model: nn.Module, layer: str, injector: NoiseInjector | None) -> Iterator[None]:
+    """Install `injector` as a forward hook on `layer` while active (no-op for None)."""
+    if injector is None:
+        yield
+        return
+    handle = module_at(model, layer).register_forward_hook(injector)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class PerImage:
+    """Per-image results of one condition: dataset indices, cross-entropy, top-1/top-5 hits."""
+
+    indices: NDArray[np.int64]
+    loss: NDArray[np.float32]
+    correct1: NDArray[np.bool_]
+    correct5: NDArray[np.bool_]
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    layer: str,
+    batches: Iterable[BatchLike],
+    *,
+    condition: str,
+    inactive: NDArray[np.bool_],
+    normalize: Callable[[Tensor], Tensor],
+    block_size: int,
+    sigma: float = 1.0,
+    seed: int = 0,
+    device: torch.device | None = None,
+    amp: bool = True,
+) -> PerImage:
+    """Validation pass under `condition`; per-image loss and accuracy (AMP only on CUDA)."""
+    device = device or next(model.parameters()).device
+    injector = None
+    if condition != "baseline":
+        injector = NoiseInjector(condition, inactive, sigma=sigma, seed=seed, block_size=block_size)
+    else:
+        check_conditions([condition])
+    use_amp = amp and device.type == "cuda"
+    idx: list[Tensor] = []
+    losses: list[Tensor] = []
+    hit1: list[Tensor] = []
+    hit5: list[Tensor] = []
+    with injected(model, layer, injector):
+        for batch in batches:
+            if len(batch.indices) == 0:
+                continue
+            indices = batch.indices.to(device, non_blocking=True)
+            labels = batch.labels.to(device, non_blocking=True)
+            x = normalize(batch.images.to(device, non_blocking=True))
+            if injector is not None:
+                injector.set_batch(indices)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+            logits = logits.float()
+            losses.append(F.cross_entropy(logits, labels, reduction="none"))
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == labels[:, None]
+            hit1.append(hits[:, 0])
+            hit5.append(hits.any(dim=1))
+            idx.append(batch.indices)
+    if not idx:
+        empty = np.zeros(0)
+        return PerImage(
+            empty.astype(np.int64), empty.astype(np.float32), empty.astype(bool), empty.astype(bool)
+        )
+    return PerImage(
+        indices=torch.cat(idx).numpy().astype(np.int64),
+        loss=torch.cat(losses).cpu().numpy().astype(np.float32),
+        correct1=torch.cat(hit1).cpu().numpy(),
+        correct5=torch.cat(hit5).cpu().numpy(),
+    )
+
+
+def _mean(x: NDArray[Any]) -> float:
+    """Exactly rounded mean (order-independent)."""
+    return math.fsum(x.astype(np.float64).tolist()) / len(x) if len(x) else math.nan
+
+
+def bootstrap_ci(
+    values: NDArray[Any], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of `values` over images (seeded)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    step = max(1, 4_000_000 // len(v))
+    for start in range(0, n_boot, step):
+        stop = min(n_boot, start + step)
+        means[start:stop] = v[rng.integers(0, len(v), size=(stop - start, len(v)))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return (float(lo), float(hi))
+
+
+def summarize(
+    loss: dict[str, NDArray[np.float32]],
+    correct1: dict[str, NDArray[np.bool_]],
+    correct5: dict[str, NDArray[np.bool_]],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Mean loss and accuracies per condition; ΔL vs baseline with a paired bootstrap CI.
+
+    Arrays are aligned per image (NaN loss = image not evaluated); pairs use images valid in both."""
+    out: dict[str, Any] = {}
+    base = loss.get("baseline")
+    for cond in check_conditions(loss):
+        valid = np.isfinite(loss[cond])
+        entry: dict[str, Any] = {
+            "images": int(valid.sum()),
+            "loss": _mean(loss[cond][valid]),
+            "top1": _mean(correct1[cond][valid]),
+            "top5": _mean(correct5[cond][valid]),
+        }
+        if base is not None and cond != "baseline":
+            both = valid & np.isfinite(base)
+            diff = loss[cond][both].astype(np.float64) - base[both].astype(np.float64)
+            entry["delta_loss"] = _mean(diff)
+            entry["delta_loss_ci"] = list(bootstrap_ci(diff, n_boot=n_boot, seed=seed, level=level))
+        out[cond] = entry
+    return out
+
+
+# --- storage-facing: used by tasks/noise.py, one (shard × condition) at a time -------------------------
+
+NOISE_FIELDS: tuple[str, ...] = ("loss", "correct1", "correct5")
+
+
+def shard_key(layer: str, condition: str, shard: int) -> str:
+    """Completion marker of one (shard × condition) evaluation."""
+    return f"noise/{layer}/{condition}/shard-{shard:04d}"
+
+
+def _attrs(node: zarr.Group | zarr.Array[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(node.attrs)
+    return out
+
+
+def _layer_group(store: AtlasStore, layer: str) -> zarr.Group:
+    node = store.root.get(f"noise/{layer}")
+    if not isinstance(node, zarr.Group):
+        raise StoreError(
+            f"{redact(store.url)} has no noise results for layer {layer}; run the noise analysis"
+        )
+    return node
+
+
+def _arrays(store: AtlasStore, layer: str, condition: str) -> dict[str, zarr.Array[Any]]:
+    n, shard_size = int(store.run["num_images"]), int(store.run["config"]["shard_size"])
+    return {
+        f: store.require_array(
+            spec(f"noise/{{layer}}/{{condition}}/{f}"), (n,), (shard_size,), layer=layer, condition=condition
+        )
+        for f in NOISE_FIELDS
+    }
+
+
+def prepare_noise(
+    store: AtlasStore,
+    layer: str,
+    *,
+    conditions: Iterable[str],
+    sigma: float,
+    seed: int,
+) -> list[tuple[str, int]]:
+    """Record the noise config in `noise/<layer>` attrs and create its arrays; return the pending
+    (condition, shard) pairs. ConfigMismatchError if earlier results used another config."""
+    conds = check_conditions(conditions)
+    inactive, attrs = read_inactive(store, layer)
+    config: dict[str, Any] = {
+        "sigma": float(sigma),
+        "seed": int(seed),
+        "threshold": float(attrs["threshold"]),
+        "inactive": np.flatnonzero(inactive).tolist(),
+        "block_size": int(store.run["config"]["batch_size"]),
+    }
+    group = store.root.require_group("noise").require_group(layer)
+    old = _attrs(group).get("config")
+    if old is not None and old != config:
+        diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in config.items() if old.get(k) != v)
+        raise ConfigMismatchError(
+            f"noise/{layer} in {redact(store.url)} was computed with another config ({diff}); use another atlas"
+        )
+    group.attrs["config"] = config
+    n_shards = store.num_shards
+    pending = []
+    for cond in conds:
+        _arrays(store, layer, cond)
+        done = store.done_keys(f"noise/{layer}/{cond}")
+        pending += [(cond, s) for s in range(n_shards) if shard_key(layer, cond, s) not in done]
+    return pending
+
+
+def noise_shard(
+    store: AtlasStore,
+    layer: str,
+    condition: str,
+    shard: int,
+    *,
+    model: nn.Module,
+    dataset: ImageDataset,
+    device: torch.device,
+    amp: bool = True,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Evaluate one shard under one condition (config from `prepare_noise`); write, then mark done."""
+    config = _attrs(_layer_group(store, layer))["config"]
+    inactive, _ = read_inactive(store, layer)
+    cfg = store.run["config"]
+    indices = shard_ranges(int(store.run["num_images"]), int(cfg["shard_size"]))[shard]
+    res = evaluate(
+        model,
+        layer,
+        iter_batches(
+            dataset,
+            indices,
+            int(cfg["batch_size"]),
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        ),
+        condition=condition,
+        inactive=inactive,
+        normalize=model_meta(model).preprocessing.normalize,
+        block_size=int(config["block_size"]),
+        sigma=float(config["sigma"]),
+        seed=int(config["seed"]),
+        device=device,
+        amp=amp,
+    )
+    local = res.indices - indices.start
+    values: dict[str, NDArray[Any]] = {
+        "loss": np.full(len(indices), np.nan, np.float32),
+        "correct1": np.zeros(len(indices), bool),
+        "correct5": np.zeros(len(indices), bool),
+    }
+    values["loss"][local], values["correct1"][local], values["correct5"][local] = (
+        res.loss,
+        res.correct1,
+        res.correct5,
+    )
+    for field, arr in _arrays(store, layer, condition).items():
+        arr[indices.start : indices.stop] = values[field]
+    store.mark_done(shard_key(layer, condition, shard))
+    return {
+        "layer": layer,
+        "condition": condition,
+        "shard": shard,
+        "images": len(res.loss),
+        "loss_sum": math.fsum(res.loss.astype(np.float64).tolist()),
+        "correct1": int(res.correct1.sum()),
+        "correct5": int(res.correct5.sum()),
+    }
+
+
+def summarize_store(store: AtlasStore, layer: str, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Summarize every complete condition of `noise/<layer>` into its `summary` attr and return it."""
+    group = _layer_group(store, layer)
+    n_shards = store.num_shards
+    loss: dict[str, NDArray[np.float32]] = {}
+    c1: dict[str, NDArray[np.bool_]] = {}
+    c5: dict[str, NDArray[np.bool_]] = {}
+    for cond in CONDITIONS:
+        done = store.done_keys(f"noise/{layer}/{cond}")
+        if len(done) == 0:
+            continue
+        if len(done) < n_shards:
+            raise StoreError(
+                f"noise/{layer}/{cond} in {redact(store.url)} has {len(done)}/{n_shards} shards done"
+            )
+        arrs = _arrays(store, layer, cond)
+        loss[cond], c1[cond], c5[cond] = (np.asarray(arrs[f][...]) for f in NOISE_FIELDS)
+    config = dict(_attrs(group)["config"])
+    summary = {
+        "model": store.run["model"],
+        "weights": store.run.get("weights"),
+        "layer": layer,
+        "num_inactive": len(config["inactive"]),
+        **config,
+        "n_boot": n_boot,
+        "ci_level": 0.95,
+        "conditions": summarize(loss, c1, c5, n_boot=n_boot, seed=seed),
+    }
+    clean: dict[str, Any] = _jsonable(summary)
+    group.attrs["summary"] = clean
+    return clean
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON types; non-finite floats become None."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return x
+
+
+def _fmt(value: float | None, ci: list[float] | None = None) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    text = f"{value:+.5e}"
+    return f"{text} [{ci[0]:+.2e}, {ci[1]:+.2e}]" if ci else text
+
+
+def _pct(entry: dict[str, Any] | None, key: str) -> str:
+    return f"{100 * entry[key]:.1f}%" if entry else "–"
+
+
+def compare_table(urls: Sequence[str]) -> str:
+    """Markdown Table 1 (Kobayashi & Shouno 2020) for the noise results of each atlas."""
+    rows = [
+        "| model | layer | # inactive | ΔL (all) [95% CI] | ΔL_rnd (random-one) [95% CI] | control ΔL [95% CI] "
+        "| top-1 base / all | top-5 base / all |",
+        "|---|---|---:|---|---|---|---|---|",
+    ]
+    for url in urls:
+        store = AtlasStore.open(url, "r")
+        noise = store.root.get("noise")
+        layers = sorted(noise.group_keys()) if isinstance(noise, zarr.Group) else []
+        summaries = [s for s in (_attrs(_layer_group(store, la)).get("summary") for la in layers) if s]
+        if not summaries:
+            raise StoreError(f"{redact(url)} has no noise results; run the noise analysis first")
+        for s in summaries:
+            c = s["conditions"]
+            base, cells = c.get("baseline"), []
+            for cond in ("all", "random-one", "control"):
+                e = c.get(cond)
+                cells.append(_fmt(e.get("delta_loss"), e.get("delta_loss_ci")) if e else "–")
+            model = s["model"] + (f" ({Path(str(s['weights'])).name})" if s.get("weights") else "")
+            rows.append(
+                f"| {model} | {s['layer']} | {s['num_inactive']} | {' | '.join(cells)} "
+                f"| {_pct(base, 'top1')} / {_pct(c.get('all'), 'top1')} "
+                f"| {_pct(base, 'top5')} / {_pct(c.get('all'), 'top5')} |"
+            )
+    return "\n".join(rows) + "\n"

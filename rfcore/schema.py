@@ -1,0 +1,251 @@
+"""The atlas layout: the single source of truth for every array, its dims, dtype and fill value.
+
+To add arrays for an analysis, append `ArraySpec`s to `ANALYSIS_ARRAYS` (section at the bottom)
+and regenerate the table in `docs/atlas-schema.md` with `schema_markdown()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+#: Run identity: these keys must match when a store is reopened (resume).
+IDENTITY_KEYS = (
+    "model",
+    "weights",
+    "dataset",
+    "num_images",
+    "image_size",
+    "k",
+    "patch_max",
+    "shard_size",
+    "batch_size",
+    "layers",
+)
+_RUN_KEYS = ("model", "weights", "dataset", "num_images", "image_size")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the atlas.
+
+    `path` is relative to the layer group `layers/<layer>` (scope "layer") or to the root (scope
+    "root") and may hold `{placeholder}`s; for root-scoped specs `{layer}` is filled with the layer.
+    """
+
+    path: str
+    dims: tuple[str, ...]
+    dtype: str
+    fill_value: float | int | bool | None
+    doc: str
+    scope: str = "layer"
+    analysis: str = "sweep"
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        """Names of the `{...}` placeholders in `path`, in order."""
+        return tuple(f for _, f, _, _ in string.Formatter().parse(self.path) if f)
+
+    def resolve(self, **placeholders: str) -> str:
+        """The concrete path with every placeholder filled; KeyError names a missing one."""
+        missing = [p for p in self.placeholders if p not in placeholders]
+        if missing:
+            raise KeyError(f"array {self.path!r} needs placeholder(s) {', '.join(missing)}")
+        extra = sorted(set(placeholders) - set(self.placeholders))
+        if extra:
+            raise KeyError(f"array {self.path!r} has no placeholder(s) {', '.join(extra)}")
+        return self.path.format(**placeholders)
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        """The shape given the size of every dimension."""
+        return tuple(sizes[d] for d in self.dims)
+
+
+@dataclass(frozen=True)
+class RunAttrs:
+    """Root `run` attrs: what was analyzed and how. `config` holds k, patch_max, shard_size,
+    batch_size, layers (list of names) and seed."""
+
+    model: str
+    weights: str | None
+    dataset: str
+    num_images: int
+    image_size: int
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        out: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunAttrs:
+        """Inverse of `to_dict`; unknown keys are ignored."""
+        return cls(
+            model=d["model"],
+            weights=d.get("weights"),
+            dataset=d["dataset"],
+            num_images=int(d["num_images"]),
+            image_size=int(d["image_size"]),
+            preprocessing=dict(d.get("preprocessing") or {}),
+            config=dict(d.get("config") or {}),
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """The keys that must match when a store is reopened (JSON-normalized)."""
+        d = self.to_dict()
+        ident = {k: d[k] for k in _RUN_KEYS}
+        ident.update({k: d["config"].get(k) for k in IDENTITY_KEYS if k not in _RUN_KEYS})
+        return ident
+
+
+@dataclass(frozen=True)
+class LayerAttrs:
+    """Attrs of `layers/<name>`: rf = {size, stride, offset} (each (h, w) / (y, x)),
+    patch = {factor, size} (patch side = size pixels)."""
+
+    kind: str
+    channels: int
+    shape: tuple[int, int]
+    rf: dict[str, Any]
+    patch: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        out: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerAttrs:
+        """Inverse of `to_dict`; extra keys (e.g. `complete`) are ignored."""
+        shape = tuple(int(s) for s in d["shape"])
+        if len(shape) != 2:
+            raise ValueError(f"layer shape must be (H, W), got {shape}")
+        return cls(
+            kind=d["kind"],
+            channels=int(d["channels"]),
+            shape=(shape[0], shape[1]),
+            rf=dict(d["rf"]),
+            patch=dict(d["patch"]),
+        )
+
+
+def sweep_shard_key(index: int) -> str:
+    """Completion-marker key of sweep shard `index` (`AtlasStore.mark_done`)."""
+    return f"sweep/shard-{index:04d}"
+
+
+_NAN = math.nan
+
+# --- Sweep results (per layer) -------------------------------------------------------------------
+SWEEP_ARRAYS: list[ArraySpec] = [
+    ArraySpec(
+        "activation",
+        ("image", "channel"),
+        "float32",
+        _NAN,
+        "max activation of each channel over positions per image; NaN = skipped image",
+    ),
+    ArraySpec("topk/value", ("channel", "k"), "float32", _NAN, "top-k activations, descending"),
+    ArraySpec("topk/image", ("channel", "k"), "int64", -1, "dataset index of each top-k hit; -1 = none"),
+    ArraySpec("topk/y", ("channel", "k"), "int32", -1, "feature-map row of each top-k hit"),
+    ArraySpec("topk/x", ("channel", "k"), "int32", -1, "feature-map column of each top-k hit"),
+    ArraySpec(
+        "topk/patch",
+        ("channel", "k", "color", "py", "px"),
+        "uint8",
+        0,
+        "input patch under the receptive field of each top-k hit (uint8 pixels)",
+    ),
+    ArraySpec(
+        "mean_stimulus",
+        ("channel", "color", "py", "px"),
+        "float32",
+        _NAN,
+        "mean of the patches of positive activations (uint8 pixel units)",
+    ),
+    ArraySpec("positive_count", ("channel",), "int64", 0, "number of positions with activation > 0"),
+    ArraySpec("max", ("channel",), "float32", _NAN, "max activation over all images and positions"),
+    ArraySpec("mean", ("channel",), "float32", _NAN, "mean activation over all images and positions"),
+    ArraySpec("zero_fraction", ("channel",), "float32", _NAN, "fraction of positions with activation <= 0"),
+]
+
+# --- Sweep per-shard reducer state (per layer; removed once the layer is merged) ---------------------
+PARTIAL_ARRAYS: list[ArraySpec] = [
+    ArraySpec("partial/topk_value", ("shard", "channel", "k"), "float32", -math.inf, "shard top-k values"),
+    ArraySpec("partial/topk_image", ("shard", "channel", "k"), "int64", -1, "shard top-k dataset indices"),
+    ArraySpec("partial/topk_y", ("shard", "channel", "k"), "int32", -1, "shard top-k rows"),
+    ArraySpec("partial/topk_x", ("shard", "channel", "k"), "int32", -1, "shard top-k columns"),
+    ArraySpec(
+        "partial/stimulus_sum",
+        ("shard", "channel", "color", "py", "px"),
+        "int64",
+        0,
+        "sum of patches of positive activations (exact integer)",
+    ),
+    ArraySpec("partial/positive_count", ("shard", "channel"), "int64", 0, "positions with activation > 0"),
+    ArraySpec("partial/max", ("shard", "channel"), "float32", -math.inf, "shard max activation"),
+    ArraySpec("partial/sum_fixed", ("shard", "channel"), "int64", 0, "fixed-point exact sum of activations"),
+    ArraySpec("partial/zero_count", ("shard", "channel"), "int64", 0, "positions with activation <= 0"),
+    ArraySpec("partial/position_count", ("shard",), "int64", 0, "positions seen per channel in the shard"),
+]
+
+# --- Analyses: append your ArraySpecs here (set `analysis=`, and `scope="root"` for root arrays) ---
+ANALYSIS_ARRAYS: list[ArraySpec] = []
+
+# inactive channels and noise injection (rfcore.inactive, rfcore.noise)
+ANALYSIS_ARRAYS += [
+    ArraySpec("inactive", ("channel",), "bool", False,
+              "channel never > threshold over all swept images (attrs: threshold, num_images, count)",
+              analysis="inactive"),
+    ArraySpec("noise/{layer}/{condition}/loss", ("image",), "float32", _NAN,
+              "cross-entropy per image under the noise condition; NaN = skipped / not run",
+              scope="root", analysis="noise"),
+    ArraySpec("noise/{layer}/{condition}/correct1", ("image",), "bool", False,
+              "top-1 correct per image under the noise condition", scope="root", analysis="noise"),
+    ArraySpec("noise/{layer}/{condition}/correct5", ("image",), "bool", False,
+              "top-5 correct per image under the noise condition", scope="root", analysis="noise"),
+]
+
+ARRAYS: dict[str, ArraySpec] = {s.path: s for s in [*SWEEP_ARRAYS, *PARTIAL_ARRAYS, *ANALYSIS_ARRAYS]}
+if len(ARRAYS) != len(SWEEP_ARRAYS) + len(PARTIAL_ARRAYS) + len(ANALYSIS_ARRAYS):
+    raise RuntimeError("duplicate ArraySpec path in rfcore.schema")
+
+
+def spec(path: str) -> ArraySpec:
+    """The spec registered under `path` (the unresolved path, placeholders included)."""
+    try:
+        return ARRAYS[path]
+    except KeyError:
+        raise KeyError(f"no array {path!r} in the atlas schema") from None
+
+
+def _fill_text(value: object) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    if isinstance(value, float) and math.isinf(value):
+        return "-inf" if value < 0 else "inf"
+    return "–" if value is None else str(value)
+
+
+def schema_markdown() -> str:
+    """Markdown table of every array (what `docs/atlas-schema.md` embeds)."""
+    lines = [
+        f"<!-- generated by rfcore.schema.schema_markdown(); schema version {SCHEMA_VERSION} -->",
+        "| scope | path | dims | dtype | fill | analysis | meaning |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in ARRAYS.values():
+        where = "`layers/<layer>/`" if s.scope == "layer" else "`/`"
+        dims = "(" + ", ".join(s.dims) + (",)" if len(s.dims) == 1 else ")")
+        lines.append(
+            f"| {where} | `{s.path}` | {dims} | {s.dtype} | {_fill_text(s.fill_value)} | {s.analysis} | {s.doc} |"
+        )
+    return "\n".join(lines) + "\n"

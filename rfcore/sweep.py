@@ -1,0 +1,499 @@
+"""Streaming, exactly mergeable per-layer reducers of the preferred-stimulus sweep (paper §3.3, eq. 4–5).
+
+A `LayerReducer` consumes one layer's activations batch by batch (on the model's device) and keeps,
+per channel: the top-k images by spatial max (value, dataset index, feature-map position), the
+integer sum of the input patches under the receptive field of the argmax unit of every image with a
+positive max (eq. 4–5), and channel statistics. Its state is a few fixed-size arrays (memory flat in
+dataset size) and merging states is exact in any order:
+
+* top-k: a total order on (value desc, dataset index asc), so ties go to the lower index;
+* spatial argmax: first occurrence in flat (y * W + x) order (torch's documented `max` behaviour);
+* patch sums: int64; activation sums: fixed point, `round(sum_float64 * 2**FIXED_POINT_BITS)` per
+  batch and channel (resolution 2**-20 per batch), added as int64.
+
+Patches are kept at most `patch_max` pixels a side by sum-pooling the input by a power of two `f`
+(`patch_geometry`); mean stimuli are reported in uint8 pixel units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rfcore.errors import RfatlasError
+from rfcore.receptive import RField
+
+if TYPE_CHECKING:
+    from rfcore.data import ImageDataset
+
+FIXED_POINT_BITS = 20
+_FIXED_SCALE = float(2**FIXED_POINT_BITS)
+_GATHER_BUDGET = 1 << 23  # elements gathered at once by the patch accumulation (bounds memory)
+
+STATE_KEYS = (
+    "topk_value",
+    "topk_image",
+    "topk_y",
+    "topk_x",
+    "stimulus_sum",
+    "positive_count",
+    "max",
+    "sum_fixed",
+    "zero_count",
+    "position_count",
+)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Options of a sweep. `amp=None` means autocast (bf16, else fp16) on CUDA only."""
+
+    k: int = 16
+    patch_max: int = 64
+    batch_size: int = 64
+    device: str = "auto"
+    amp: bool | None = None
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How a layer's unit patches are cut from (sum-pooled) input images.
+
+    The patch of unit (y, x) covers input pixels `first + (y, x) * stride` .. `+ size * factor`
+    (the receptive-field box, extended at its far end to a multiple of `factor`, zeros outside the
+    image) and is stored as a `size` x `size` grid of `factor` x `factor` pixel sums.
+    """
+
+    factor: int
+    size: int
+    first: tuple[int, int]
+    stride: tuple[int, int]
+    image_hw: tuple[int, int]
+
+    @property
+    def phase(self) -> tuple[int, int]:
+        """Offset of the pooling grid: pooled cells start at `phase + j * factor`."""
+        return (self.first[0] % self.factor, self.first[1] % self.factor)
+
+
+def patch_geometry(rf: RField, image_hw: tuple[int, int], patch_max: int = 64) -> PatchGeometry:
+    """Patch geometry of a layer: `f` is the smallest power of two with `ceil(side / f) <= patch_max`
+    that divides the layer's stride (so box starts fall on the f-grid); when none does, `f` is the
+    largest power of two dividing the stride and the patch is larger than `patch_max`. Patches are
+    square with side `max(rf.size)`."""
+    if patch_max < 1:
+        raise RfatlasError(f"patch_max must be >= 1, got {patch_max}")
+    side = max(rf.size)
+    g = math.gcd(int(rf.stride[0]), int(rf.stride[1]))
+    f = 1
+    while -(-side // f) > patch_max and g % (2 * f) == 0:
+        f *= 2
+    first = (
+        round(rf.offset[0] - (rf.size[0] - 1) / 2),
+        round(rf.offset[1] - (rf.size[1] - 1) / 2),
+    )
+    return PatchGeometry(f, -(-side // f), first, (int(rf.stride[0]), int(rf.stride[1])), image_hw)
+
+
+def pool_images(images: Tensor, factor: int, phase: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """Sum-pool uint8 images (B,3,H,W) over the `factor` grid whose cells start at `phase + j * factor`
+    (zeros outside the image). Cell -1 is included when `phase > 0`. Exact integers in `dtype`."""
+    x = images.to(dtype)
+    if factor == 1:
+        return x
+    h, w = images.shape[-2:]
+    top, left = (factor - phase[0]) % factor, (factor - phase[1]) % factor
+    bottom = -(top + h) % factor
+    right = -(left + w) % factor
+    x = F.pad(x, (left, right, top, bottom))
+    b, c, hh, ww = x.shape
+    return x.view(b, c, hh // factor, factor, ww // factor, factor).sum(dim=(3, 5), dtype=dtype)
+
+
+def _order_key(value: Tensor, index: Tensor) -> Tensor:
+    """int64 key ordering (value desc, index asc) as key desc: value bits (NaN canonical and above
+    +inf, -0 == +0) in the high word, `2**32 - 1 - index` in the low word (index -1 lowest)."""
+    v = torch.where(torch.isnan(value), torch.full_like(value, math.nan), value + 0.0)
+    bits = v.view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (bits << 32) | ((0xFFFFFFFF - index) & 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where a layer's patch windows lie in a pooled image (for one feature-map shape)."""
+
+    grid: tuple[int, int]  # feature-map (H, W)
+    lo: tuple[int, int]  # first patch row/col ever inside the image
+    extent: tuple[int, int]  # rows/cols of the patch ever inside the image (0: never)
+    pad: tuple[int, int, int, int]  # (left, right, top, bottom) zeros added to the pooled image
+    start: tuple[int, int]  # pooled (padded) row/col of unit (0, 0)'s window
+    step: tuple[int, int]  # pooled rows/cols between neighbouring units
+
+
+def _plan(geo: PatchGeometry, grid: tuple[int, int]) -> _Plan:
+    f, p = geo.factor, geo.size
+    lo, ext, pad, start, step = [], [], [], [], []
+    for a in range(2):
+        phase = geo.first[a] % f
+        j0 = -1 if phase else 0  # absolute cell index of pooled row 0
+        length = -(-((f - phase) % f + geo.image_hw[a]) // f)
+        st = geo.stride[a] // f
+        i0 = (geo.first[a] - phase) // f - j0  # pooled row of unit 0's window
+        ilast = i0 + (grid[a] - 1) * st
+        r_lo = max(0, -ilast)
+        r_hi = max(r_lo, min(p, length - i0))
+        before = max(0, -(i0 + r_lo))
+        after = max(0, ilast + r_hi - length)
+        lo.append(r_lo)
+        ext.append(r_hi - r_lo)
+        pad.append((before, after))
+        start.append(i0 + r_lo + before)
+        step.append(st)
+    return _Plan(
+        grid,
+        (lo[0], lo[1]),
+        (ext[0], ext[1]),
+        (pad[1][0], pad[1][1], pad[0][0], pad[0][1]),
+        (start[0], start[1]),
+        (step[0], step[1]),
+    )
+
+
+class LayerReducer:
+    """Streaming reducer of one layer (see the module docstring). State lives on `device`."""
+
+    def __init__(
+        self, channels: int, geometry: PatchGeometry, *, k: int = 16, device: str | torch.device = "cpu"
+    ) -> None:
+        if k < 1:
+            raise RfatlasError(f"k must be >= 1, got {k}")
+        dev = torch.device(device)
+        p = geometry.size
+        self.channels, self.geometry, self.k, self.device = channels, geometry, k, dev
+        self.topk_value = torch.full((channels, k), -math.inf, dtype=torch.float32, device=dev)
+        self.topk_image = torch.full((channels, k), -1, dtype=torch.int64, device=dev)
+        self.topk_y = torch.full((channels, k), -1, dtype=torch.int32, device=dev)
+        self.topk_x = torch.full((channels, k), -1, dtype=torch.int32, device=dev)
+        self.stimulus_sum = torch.zeros((channels, 3, p, p), dtype=torch.int64, device=dev)
+        self.positive_count = torch.zeros(channels, dtype=torch.int64, device=dev)
+        self.max = torch.full((channels,), -math.inf, dtype=torch.float32, device=dev)
+        self.sum_fixed = torch.zeros(channels, dtype=torch.int64, device=dev)
+        self.zero_count = torch.zeros(channels, dtype=torch.int64, device=dev)
+        self.position_count = torch.zeros((), dtype=torch.int64, device=dev)
+        self._plans: dict[tuple[int, int], _Plan] = {}
+
+    def add(
+        self,
+        acts: Tensor,
+        images: Tensor,
+        indices: Tensor,
+        *,
+        pooled: dict[tuple[int, int, int], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Feed one batch: `acts` (B,C,H,W), uint8 `images` (B,3,S,S), increasing dataset `indices`
+        (B,). `pooled` caches pooled images across the layers of one batch. Returns the per-image
+        spatial max (B,C) float32 and its flat argmax (B,C) int64 (first occurrence)."""
+        b, c, h, w = acts.shape
+        if c != self.channels or images.shape[0] != b or indices.shape[0] != b:
+            raise ValueError(f"batch shapes disagree: acts {tuple(acts.shape)}, images {tuple(images.shape)}")
+        acts = acts.to(self.device, torch.float32)
+        images = images.to(self.device)
+        indices = indices.to(self.device, torch.int64)
+        mx, arg = acts.flatten(2).max(dim=2)
+        self._add_topk(mx, arg, indices, w)
+        positive = mx > 0
+        self.positive_count += positive.sum(dim=0)
+        self.max = torch.maximum(self.max, mx.amax(dim=0))
+        s = acts.sum(dim=(0, 2, 3), dtype=torch.float64)
+        self.sum_fixed += torch.round(s * _FIXED_SCALE).to(torch.int64)
+        self.zero_count += (acts == 0).sum(dim=(0, 2, 3))
+        self.position_count += b * h * w
+        self._add_patches(images, positive, arg, (h, w), {} if pooled is None else pooled)
+        return mx, arg
+
+    def _add_topk(self, mx: Tensor, arg: Tensor, indices: Tensor, w: int) -> None:
+        c = self.channels
+        y = (arg // w).to(torch.int32).t()
+        x = (arg % w).to(torch.int32).t()
+        self._merge_topk(mx.t(), indices.unsqueeze(0).expand(c, -1), y, x)
+
+    def _merge_topk(self, value: Tensor, image: Tensor, y: Tensor, x: Tensor) -> None:
+        value = torch.cat([self.topk_value, value], dim=1)
+        image = torch.cat([self.topk_image, image], dim=1)
+        key = _order_key(value, image)
+        pick = key.topk(self.k, dim=1, sorted=True).indices
+        self.topk_value = value.gather(1, pick)
+        self.topk_image = image.gather(1, pick)
+        self.topk_y = torch.cat([self.topk_y, y], dim=1).gather(1, pick)
+        self.topk_x = torch.cat([self.topk_x, x], dim=1).gather(1, pick)
+
+    def _add_patches(
+        self,
+        images: Tensor,
+        positive: Tensor,
+        arg: Tensor,
+        grid: tuple[int, int],
+        pooled: dict[tuple[int, int, int], Tensor],
+    ) -> None:
+        plan = self._plans.get(grid)
+        if plan is None:
+            plan = self._plans[grid] = _plan(self.geometry, grid)
+        eh, ew = plan.extent
+        if eh == 0 or ew == 0:
+            return  # every patch lies entirely outside the image
+        geo = self.geometry
+        f = geo.factor
+        dtype = torch.int32 if images.shape[0] * 255 * f * f < 2**31 else torch.int64
+        key = (f, *geo.phase)
+        img = pooled.get(key)
+        if img is None or img.dtype != dtype:
+            img = pooled[key] = pool_images(images, f, geo.phase, dtype)
+        if any(plan.pad):
+            img = F.pad(img, plan.pad)
+        h, w = grid
+        (sy, sx), (ty, tx) = plan.start, plan.step
+        img = img[:, :, sy : sy + (h - 1) * ty + eh, sx : sx + (w - 1) * tx + ew]
+        win = img.unfold(2, eh, ty).unfold(3, ew, tx).permute(0, 2, 3, 1, 4, 5)  # (B,H,W,3,eh,ew)
+        ch, bi = positive.t().nonzero(as_tuple=True)  # channel-major pairs (c, b) with max > 0
+        if ch.numel() == 0:
+            return
+        flat = arg[bi, ch]
+        yi, xi = flat // w, flat % w
+        acc = torch.zeros((self.channels, 3, eh, ew), dtype=dtype, device=self.device)
+        step = max(1, _GATHER_BUDGET // (3 * eh * ew))
+        for i in range(0, ch.numel(), step):
+            j = slice(i, i + step)
+            acc.index_add_(0, ch[j], win[bi[j], yi[j], xi[j]])
+        (ly, lx) = plan.lo
+        self.stimulus_sum[:, :, ly : ly + eh, lx : lx + ew] += acc
+
+    def merge(self, other: LayerReducer) -> None:
+        """Fold another reducer of the same layer into this one (exact, order-independent)."""
+        if (other.channels, other.k, other.geometry) != (self.channels, self.k, self.geometry):
+            raise ValueError("cannot merge reducers of different layers or configurations")
+        o = {n: t.to(self.device) for n, t in other._tensors().items()}
+        self._merge_topk(o["topk_value"], o["topk_image"], o["topk_y"], o["topk_x"])
+        self.stimulus_sum += o["stimulus_sum"]
+        self.positive_count += o["positive_count"]
+        self.max = torch.maximum(self.max, o["max"])
+        self.sum_fixed += o["sum_fixed"]
+        self.zero_count += o["zero_count"]
+        self.position_count += o["position_count"]
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {n: getattr(self, n) for n in STATE_KEYS}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The state as NumPy arrays (keys `STATE_KEYS`; `position_count` is 0-d)."""
+        return {n: t.cpu().numpy().copy() for n, t in self._tensors().items()}
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: Mapping[str, np.ndarray],
+        geometry: PatchGeometry,
+        *,
+        device: str | torch.device = "cpu",
+    ) -> LayerReducer:
+        """Rebuild a reducer from `state_dict()` output."""
+        channels, k = np.shape(state["topk_value"])
+        red = cls(int(channels), geometry, k=int(k), device=device)
+        for n, t in red._tensors().items():
+            a = np.asarray(state[n])
+            if a.shape != tuple(t.shape):
+                raise ValueError(f"state {n!r} has shape {a.shape}, expected {tuple(t.shape)}")
+            setattr(red, n, torch.as_tensor(a).to(device=red.device, dtype=t.dtype).clone())
+        return red
+
+    def result(self) -> LayerResult:
+        """Final per-channel results (NumPy)."""
+        s = self.state_dict()
+        n = int(s["position_count"])
+        count = s["positive_count"]
+        f2 = self.geometry.factor**2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_stim = s["stimulus_sum"] / (count * f2).astype(np.float64)[:, None, None, None]
+            mean = s["sum_fixed"] / _FIXED_SCALE / n if n else np.full(self.channels, np.nan)
+            zero = s["zero_count"] / n if n else np.full(self.channels, np.nan)
+        mx = s["max"] if n else np.full(self.channels, np.nan, np.float32)
+        return LayerResult(
+            topk_value=s["topk_value"],
+            topk_image=s["topk_image"],
+            topk_y=s["topk_y"],
+            topk_x=s["topk_x"],
+            mean_stimulus=mean_stim.astype(np.float32),
+            positive_count=count,
+            max=mx.astype(np.float32),
+            mean=np.asarray(mean, dtype=np.float32),
+            zero_fraction=np.asarray(zero, dtype=np.float32),
+        )
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """Final results of one layer; mean_stimulus is NaN for channels never positive."""
+
+    topk_value: np.ndarray  # (C,k) float32, -inf padding
+    topk_image: np.ndarray  # (C,k) int64, -1 padding
+    topk_y: np.ndarray  # (C,k) int32
+    topk_x: np.ndarray  # (C,k) int32
+    mean_stimulus: np.ndarray  # (C,3,p,p) float32, uint8 pixel units
+    positive_count: np.ndarray  # (C,) int64 images with max > 0
+    max: np.ndarray  # (C,) float32
+    mean: np.ndarray  # (C,) float32
+    zero_fraction: np.ndarray  # (C,) float32 fraction of activations == 0
+
+
+def crop_topk_patches(
+    dataset: ImageDataset,
+    geometry: PatchGeometry,
+    topk_image: np.ndarray,
+    topk_y: np.ndarray,
+    topk_x: np.ndarray,
+) -> np.ndarray:
+    """uint8 (C,k,3,p,p) patches of the top-k hits, cut like the mean stimulus (pooled sums / f²,
+    rounded half up); reads each winning image once; entries with image -1 stay zero."""
+    f, p = geometry.factor, geometry.size
+    c, k = topk_image.shape
+    out = np.zeros((c, k, 3, p, p), dtype=np.uint8)
+    ph, pw = geometry.phase
+    j0 = (-1 if ph else 0, -1 if pw else 0)
+    for index in np.unique(topk_image[topk_image >= 0]):
+        image, _ = dataset.get(int(index))
+        pooled = pool_images(torch.from_numpy(np.ascontiguousarray(image))[None], f, (ph, pw), torch.int64)
+        img = pooled[0].numpy()
+        img = ((img + f * f // 2) // (f * f)).astype(np.uint8)
+        big = np.pad(img, ((0, 0), (p, p), (p, p)))
+        for ci, ki in zip(*np.nonzero(topk_image == index), strict=True):
+            r = (geometry.first[0] - ph) // f - j0[0] + int(topk_y[ci, ki]) * geometry.stride[0] // f + p
+            q = (geometry.first[1] - pw) // f - j0[1] + int(topk_x[ci, ki]) * geometry.stride[1] // f + p
+            r0, q0 = max(r, 0), max(q, 0)
+            piece = big[:, r0 : r + p, q0 : q + p]
+            out[ci, ki, :, r0 - r : r0 - r + piece.shape[1], q0 - q : q0 - q + piece.shape[2]] = piece
+    return out
+
+
+def amp_context(device: torch.device, amp: bool | None) -> AbstractContextManager[Any]:
+    """Autocast for the forward pass: on CUDA bf16 (fp16 without bf16 support) when `amp` is on
+    (default), on CPU bf16 only when `amp` is explicitly True."""
+    if device.type == "cuda" and amp is not False:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and amp:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the sweep needs to know about one layer."""
+
+    name: str
+    channels: int
+    shape: tuple[int, int]
+    kind: str
+    rf: RField
+    geometry: PatchGeometry
+
+
+def plan_layers(model: nn.Module, layers: str | Sequence[str], patch_max: int = 64) -> list[LayerPlan]:
+    """Resolve a layer spec and compute each layer's receptive field and patch geometry."""
+    from rfcore.layers import list_layers, resolve_layers
+    from rfcore.models import model_meta
+    from rfcore.receptive import receptive_fields
+
+    size = model_meta(model).preprocessing.size
+    names = resolve_layers(model, layers)
+    infos = {li.name: li for li in list_layers(model, size)}
+    rfs = receptive_fields(model, size)
+    return [
+        LayerPlan(
+            n,
+            infos[n].channels,
+            infos[n].shape,
+            infos[n].kind,
+            rfs[n],
+            patch_geometry(rfs[n], (size, size), patch_max),
+        )
+        for n in names
+    ]
+
+
+class SweepRunner:
+    """One forward pass per batch (through `rfcore.layers.capture`) feeding a reducer per layer."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        geometries: Mapping[str, PatchGeometry],
+        channels: Mapping[str, int],
+        *,
+        k: int = 16,
+        device: str | torch.device = "auto",
+        amp: bool | None = None,
+    ) -> None:
+        from rfcore.models import model_meta, select_device
+
+        self.device = select_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device)
+        self.amp = amp
+        self.preprocessing = model_meta(model).preprocessing
+        self.reducers = {
+            n: LayerReducer(channels[n], g, k=k, device=self.device) for n, g in geometries.items()
+        }
+
+    def step(self, images: Tensor, indices: Tensor) -> dict[str, Tensor]:
+        """Feed one batch (uint8 images, pinned on CUDA for async copies); returns each layer's
+        per-image spatial maxima (B,C) float32 on the CPU."""
+        from rfcore.layers import capture
+
+        if images.shape[0] == 0:
+            return {n: torch.empty((0, r.channels)) for n, r in self.reducers.items()}
+        images = images.to(self.device, non_blocking=True)
+        indices = indices.to(self.device, non_blocking=True)
+        with torch.inference_mode(), capture(self.model, list(self.reducers), stop_early=True) as cap:
+            with amp_context(self.device, self.amp):
+                outputs = cap.run(self.preprocessing.normalize(images))
+            pooled: dict[tuple[int, int, int], Tensor] = {}
+            maxima = {
+                n: r.add(outputs[n], images, indices, pooled=pooled)[0] for n, r in self.reducers.items()
+            }
+        return {n: m.cpu() for n, m in maxima.items()}
+
+
+def sweep_dataset(
+    model: nn.Module,
+    dataset: ImageDataset,
+    layers: str | Sequence[str] = "default",
+    config: SweepConfig = SweepConfig(),
+    indices: range | None = None,
+) -> dict[str, LayerReducer]:
+    """In-memory sweep of `indices` (default: the whole dataset); returns the reducers by layer."""
+    from rfcore.data import iter_batches
+
+    plans = plan_layers(model, layers, config.patch_max)
+    runner = SweepRunner(
+        model,
+        {p.name: p.geometry for p in plans},
+        {p.name: p.channels for p in plans},
+        k=config.k,
+        device=config.device,
+        amp=config.amp,
+    )
+    pin = runner.device.type == "cuda"
+    rng = range(len(dataset)) if indices is None else indices
+    for batch in iter_batches(
+        dataset, rng, config.batch_size, num_workers=config.num_workers, pin_memory=pin
+    ):
+        runner.step(batch.images, batch.indices)
+    return runner.reducers

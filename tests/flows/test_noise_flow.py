@@ -1,0 +1,152 @@
+"""The inactive/noise subflows, tasks and `rfatlas compare` on tiny stores (Prefect test harness)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.noise import compare, inactive_analysis, noise_analysis, register_cli
+from rfcore.data import iter_batches, open_dataset
+from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError
+from rfcore.inactive import channel_max
+from rfcore.models import get_model, save_checkpoint
+from rfcore.noise import CONDITIONS, NOISE_FIELDS, shard_key
+from rfcore.schema import LayerAttrs, RunAttrs, spec
+from rfcore.store import AtlasStore
+from tasks.noise import noise_shard_task
+
+DEAD = [2, 7, 11]
+N, BATCH = 48, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """resnet10t with conv1 channels DEAD forced off (zero weights, negative BN bias before the ReLU)."""
+    model = get_model("resnet10t", seed=3)
+    with torch.no_grad():
+        model.conv1.weight[DEAD] = 0.0
+        model.bn1.bias[DEAD] = -0.5
+    path = str(tmp_path_factory.mktemp("ckpt") / "dead.pt")
+    save_checkpoint(model, path, config={}, metrics={})
+    return path
+
+
+def make_store(url: str, weights: str | None, shard_size: int, model_name: str = "resnet10t") -> str:
+    """A swept-looking atlas of `maxpool` (the sweep's per-channel max is measured here directly)."""
+    run = RunAttrs(
+        model=model_name,
+        weights=weights,
+        dataset=f"synthetic:{N}",
+        num_images=N,
+        image_size=64,
+        preprocessing={"size": 64, "resize": 64},
+        config={
+            "k": 2,
+            "patch_max": 16,
+            "shard_size": shard_size,
+            "batch_size": BATCH,
+            "layers": ["maxpool"],
+            "seed": 0,
+        },
+    )
+    rf = {"size": [11, 11], "stride": [4, 4], "offset": [0.0, 0.0]}
+    layers = {"maxpool": LayerAttrs("pool", 16, (16, 16), rf, {"factor": 1.0, "size": 11})}
+    store = AtlasStore.create(url, run=run, layers=layers, num_images=N, shard_size=shard_size, k=2)
+    model = get_model(model_name, weights=weights)
+    ds = open_dataset(run.dataset, size=64)
+    mx = channel_max(
+        model,
+        "maxpool",
+        iter_batches(ds, range(N), BATCH),
+        normalize=model.rfatlas_meta.preprocessing.normalize,
+    )
+    store.require_array(spec("max"), (16,), (16,), layer="maxpool")[:] = mx
+    return url
+
+
+def per_image(url: str, cond: str) -> dict[str, np.ndarray]:
+    root = AtlasStore.open(url, "r").root
+    return {f: np.asarray(root[f"noise/maxpool/{cond}/{f}"][...]) for f in NOISE_FIELDS}
+
+
+def test_inactive_then_noise_flow_detects_stores_and_resumes(tmp_path: Path, checkpoint: str) -> None:
+    url = make_store(str(tmp_path / "a.zarr"), checkpoint, shard_size=16)
+    assert inactive_analysis(url)["inactive"] == DEAD
+    summary = noise_analysis(url, device="cpu")
+    assert summary["num_inactive"] == 3 and summary["inactive"] == DEAD and summary["layer"] == "maxpool"
+    conds = summary["conditions"]
+    assert set(conds) == set(CONDITIONS) and all(c["images"] == N for c in conds.values())
+    for cond in ("all", "random-one", "control"):
+        lo, hi = conds[cond]["delta_loss_ci"]
+        assert lo <= conds[cond]["delta_loss"] <= hi
+    store = AtlasStore.open(url, "r")
+    assert all(store.is_done(shard_key("maxpool", c, s)) for c in CONDITIONS for s in range(3))
+    stored = dict(store.root["noise/maxpool"].attrs)["summary"]
+    assert stored == summary
+    # resume: nothing left to do, same answer
+    before = per_image(url, "all")
+    assert noise_analysis(url, device="cpu") == summary
+    assert per_image(url, "all")["loss"].tobytes() == before["loss"].tobytes()
+    with pytest.raises(ConfigMismatchError, match="sigma 1.0 -> 2.0"):
+        noise_analysis(url, sigma=2.0, device="cpu")
+
+
+def test_shards_merged_equal_one_pass(tmp_path: Path, checkpoint: str) -> None:
+    sharded = make_store(str(tmp_path / "sharded.zarr"), checkpoint, shard_size=16)
+    whole = make_store(str(tmp_path / "whole.zarr"), checkpoint, shard_size=48)
+    a = noise_analysis(sharded, device="cpu", seed=4)
+    b = noise_analysis(whole, device="cpu", seed=4)
+    for cond in CONDITIONS:
+        x, y = per_image(sharded, cond), per_image(whole, cond)
+        assert all(x[f].tobytes() == y[f].tobytes() for f in NOISE_FIELDS)
+    assert a["conditions"] == b["conditions"]
+
+
+def test_task_fn_evaluates_one_shard(tmp_path: Path, checkpoint: str) -> None:
+    url = make_store(str(tmp_path / "t.zarr"), checkpoint, shard_size=16)
+    inactive_analysis(url)
+    with pytest.raises(StoreError, match="no noise results"):
+        noise_shard_task.fn(url, "maxpool", "all", 1, 3, "cpu")
+    noise_analysis(url, conditions=["baseline"], device="cpu")
+    out = noise_shard_task.fn(url, "maxpool", "baseline", 1, 3, "cpu")
+    assert out["images"] == 16 and out["condition"] == "baseline" and out["shard"] == 1
+    loss = per_image(url, "baseline")["loss"]
+    assert np.isclose(out["loss_sum"], float(loss[16:32].astype(np.float64).sum()))
+
+
+def test_compare_flow_cli_and_errors(
+    tmp_path: Path, checkpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res = make_store(str(tmp_path / "res.zarr"), checkpoint, shard_size=48)
+    plain = make_store(str(tmp_path / "plain.zarr"), None, shard_size=48, model_name="plainnet10t")
+    noise_analysis(res, device="cpu")
+    noise_analysis(plain, device="cpu")
+    table = compare([res, plain])
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | layer | # inactive | ΔL") and len(lines) == 4
+    assert lines[2].startswith("| resnet10t (dead.pt) | maxpool | 3 |")
+    assert lines[3].startswith("| plainnet10t | maxpool | ")
+
+    parser = argparse.ArgumentParser(prog="rfatlas")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", res, plain, "--no-artifact"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == table
+
+    empty = make_store(str(tmp_path / "empty.zarr"), None, shard_size=48)
+    with pytest.raises(StoreError, match="no noise results"):
+        compare([empty])
+    with pytest.raises(RfatlasError, match="unknown noise condition 'al'"):
+        noise_analysis(empty, conditions=["al"])

@@ -1,0 +1,234 @@
+"""Ground truth for the noise-injection test on hand-made nets (conv → ReLU → max-pool → ... → linear)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from rfcore.errors import RfatlasError
+from rfcore.noise import (
+    CONDITIONS,
+    NoiseInjector,
+    PerImage,
+    block_channels,
+    bootstrap_ci,
+    check_conditions,
+    evaluate,
+    image_normal,
+    summarize,
+)
+
+DEAD = (1, 5)
+CHANNELS = 8
+
+
+@dataclass
+class FakeBatch:
+    images: Tensor
+    labels: Tensor
+    indices: Tensor
+
+
+def make_net(*, downstream: str = "wired") -> nn.Sequential:
+    """conv1 with channels DEAD forced off → ReLU → max-pool → conv2 → ReLU → avg → fc (4 classes).
+
+    downstream: 'wired' (dead channels push class 0 through conv2/fc), 'zero' (their conv2 weights are 0).
+    """
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(3, CHANNELS, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(CHANNELS, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 4),
+    )
+    with torch.no_grad():
+        conv1, conv2, fc = net[0], net[3], net[7]
+        conv1.bias.fill_(0.2)
+        conv1.weight[list(DEAD)] = 0.0
+        conv1.bias[list(DEAD)] = -1.0
+        conv2.weight[:, list(DEAD)] = 0.0
+        if downstream == "wired":
+            conv2.weight[0, list(DEAD), 1, 1] = 3.0
+            fc.weight[0] = 0.0
+            fc.weight[0, 0] = 4.0
+    return net.eval()
+
+
+def data(n: int = 48, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
+    labels = torch.ones(n, dtype=torch.int64)  # never class 0, which the dead channels push up
+    return images, labels
+
+
+def batches(images: Tensor, labels: Tensor, indices: range, batch_size: int) -> list[FakeBatch]:
+    out = []
+    for s in range(indices.start, indices.stop, batch_size):
+        sl = slice(s, min(s + batch_size, indices.stop))
+        out.append(FakeBatch(images[sl], labels[sl], torch.arange(sl.start, sl.stop)))
+    return out
+
+
+def normalize(x: Tensor) -> Tensor:
+    return x.float() / 127.5 - 1.0
+
+
+def dead_mask() -> np.ndarray:
+    m = np.zeros(CHANNELS, dtype=bool)
+    m[list(DEAD)] = True
+    return m
+
+
+def run(net: nn.Module, cond: str, bs: int = 8, idx: range = range(48), **kw: object) -> PerImage:
+    images, labels = data()
+    return evaluate(
+        net,
+        "2",
+        batches(images, labels, idx, bs),
+        condition=cond,
+        inactive=dead_mask(),
+        normalize=normalize,
+        block_size=bs,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def all_conditions(net: nn.Module, **kw: object) -> dict[str, PerImage]:
+    return {c: run(net, c, **kw) for c in CONDITIONS}
+
+
+def test_image_normal_is_standard_and_per_image_reproducible() -> None:
+    idx = torch.arange(1000, 1400)
+    z = image_normal(idx, (3, 25), seed=7, stream=1)
+    assert z.shape == (400, 3, 25) and z.dtype == torch.float32
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1.0) < 0.02
+    assert abs(float((z > 1.96).float().mean()) - 0.025) < 0.005
+    # an image's noise depends only on (seed, stream, index), not on its batch
+    again = image_normal(torch.tensor([1399, 1000]), (3, 25), seed=7, stream=1)
+    assert torch.equal(again[0], z[-1]) and torch.equal(again[1], z[0])
+    assert not torch.equal(image_normal(idx[:1], (3, 25), seed=7, stream=2)[0], z[0])
+    assert not torch.equal(image_normal(idx[:1], (3, 25), seed=8, stream=1)[0], z[0])
+    # neighbouring images are uncorrelated
+    flat = z.flatten(1)
+    assert abs(float(torch.corrcoef(torch.stack([flat[:-1].flatten(), flat[1:].flatten()]))[0, 1])) < 0.02
+
+
+def test_block_channels_choices() -> None:
+    mask = dead_mask()
+    assert block_channels("baseline", mask, 0, seed=0).tolist() == []
+    assert block_channels("all", mask, 0, seed=0).tolist() == list(DEAD)
+    picks = {int(block_channels("random-one", mask, b, seed=0)[0]) for b in range(40)}
+    assert picks == set(DEAD)
+    for b in range(20):
+        ctrl = block_channels("control", mask, b, seed=3)
+        assert len(ctrl) == len(DEAD) and not mask[ctrl].any() and len(set(ctrl.tolist())) == len(DEAD)
+    assert np.array_equal(
+        block_channels("control", mask, 4, seed=3), block_channels("control", mask, 4, seed=3)
+    )
+    assert block_channels("random-one", np.zeros(4, bool), 0, seed=0).tolist() == []
+
+
+def test_unknown_condition_is_a_one_line_error() -> None:
+    with pytest.raises(RfatlasError, match="unknown noise condition 'loud'"):
+        check_conditions(["all", "loud"])
+    with pytest.raises(RfatlasError, match="unknown noise condition"):
+        NoiseInjector("loud", dead_mask(), sigma=1.0, seed=0, block_size=4)
+
+
+def test_injector_noises_exactly_the_chosen_channels() -> None:
+    inj = NoiseInjector("all", dead_mask(), sigma=1.0, seed=0, block_size=4)
+    out = torch.zeros(4, CHANNELS, 5, 5)
+    inj.set_batch(torch.arange(4))
+    noisy = inj(nn.Identity(), (), out)
+    touched = (noisy != 0).flatten(2).any(dim=2).any(dim=0)
+    assert touched.tolist() == dead_mask().tolist()
+    assert bool((noisy >= 0).all())
+    assert 0.3 < float((noisy[:, list(DEAD)] > 0).float().mean()) < 0.7  # max(z, 0): half the positions
+
+
+def test_dead_channel_wired_to_classifier_raises_loss_with_ci_excluding_zero() -> None:
+    res = all_conditions(make_net(downstream="wired"))
+    s = summarize(
+        {c: r.loss for c, r in res.items()},
+        {c: r.correct1 for c, r in res.items()},
+        {c: r.correct5 for c, r in res.items()},
+    )
+    assert s["all"]["delta_loss"] > 0 and s["all"]["delta_loss_ci"][0] > 0
+    assert s["random-one"]["delta_loss"] > 0 and s["random-one"]["delta_loss_ci"][0] > 0
+    assert s["all"]["images"] == 48 and s["baseline"]["top1"] >= s["all"]["top1"]
+
+
+def test_dead_channel_with_zero_downstream_weights_changes_nothing_bitwise() -> None:
+    res = all_conditions(make_net(downstream="zero"))
+    for cond in ("all", "random-one"):
+        assert res[cond].loss.tobytes() == res["baseline"].loss.tobytes()
+    s = summarize(
+        {c: r.loss for c, r in res.items()},
+        {c: r.correct1 for c, r in res.items()},
+        {c: r.correct5 for c, r in res.items()},
+    )
+    assert s["all"]["delta_loss"] == 0.0 and s["all"]["delta_loss_ci"] == [0.0, 0.0]
+    assert s["random-one"]["delta_loss"] == 0.0
+    assert s["control"]["delta_loss"] != 0.0  # ordinary channels do matter
+
+
+def test_shards_merged_equal_one_pass() -> None:
+    net = make_net()
+    for cond in CONDITIONS:
+        whole = run(net, cond, seed=5)
+        parts = [run(net, cond, idx=r, seed=5) for r in (range(0, 16), range(16, 40), range(40, 48))]
+        assert np.array_equal(np.concatenate([p.indices for p in parts]), whole.indices)
+        assert np.concatenate([p.loss for p in parts]).tobytes() == whole.loss.tobytes()
+        assert np.array_equal(np.concatenate([p.correct5 for p in parts]), whole.correct5)
+
+
+def test_noise_is_independent_of_batch_composition_and_seeded() -> None:
+    net = make_net()
+    a = run(net, "all", bs=8, seed=1)
+    b = run(net, "all", bs=8, seed=1, idx=range(48))
+    assert a.loss.tobytes() == b.loss.tobytes()
+    images, labels = data()
+    odd = evaluate(
+        net,
+        "2",
+        batches(images, labels, range(48), 5),
+        condition="all",
+        inactive=dead_mask(),
+        normalize=normalize,
+        block_size=8,
+        seed=1,
+    )
+    np.testing.assert_allclose(odd.loss, a.loss, rtol=1e-5)
+    assert not np.array_equal(run(net, "all", seed=2).loss, a.loss)
+
+
+def test_sigma_zero_equals_baseline() -> None:
+    net = make_net()
+    assert run(net, "all", sigma=0.0).loss.tobytes() == run(net, "baseline").loss.tobytes()
+
+
+def test_bootstrap_ci_is_seeded_and_covers_mean() -> None:
+    v = np.random.default_rng(0).normal(1.0, 1.0, 500)
+    lo, hi = bootstrap_ci(v, seed=3)
+    assert (lo, hi) == bootstrap_ci(v, seed=3)
+    assert lo < v.mean() < hi and hi - lo < 0.3
+    assert bootstrap_ci(np.zeros(10)) == (0.0, 0.0)
+
+
+def test_summary_pairs_only_valid_images() -> None:
+    base = np.array([1.0, np.nan, 2.0], np.float32)
+    cond = np.array([2.0, np.nan, 2.5], np.float32)
+    hits = np.array([True, False, False])
+    s = summarize(
+        {"baseline": base, "all": cond}, {"baseline": hits, "all": hits}, {"baseline": hits, "all": hits}
+    )
+    assert s["baseline"]["images"] == 2 and s["baseline"]["loss"] == 1.5 and s["baseline"]["top1"] == 0.5
+    assert s["all"]["delta_loss"] == 0.75

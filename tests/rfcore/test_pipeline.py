@@ -1,0 +1,166 @@
+"""rfcore.pipeline: 1 shard == 4 shards bit for bit, resume after a lost marker, in-memory equality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+from rfcore.data import BadImageError, ImageDataset, open_dataset
+from rfcore.errors import StoreError
+from rfcore.models import get_model
+from rfcore.pipeline import crop_patches, merge_layer, prepare_store, run_sweep, sweep_shard
+from rfcore.sweep import SweepConfig, sweep_dataset
+
+MODEL, DATA, N, BATCH, K = "resnet10t", "synthetic:24", 24, 6, 4
+LAYERS = "conv1,layer1.0,layer4.0"  # layer4.0: RF 195 px > patch_max, pooled by 4
+
+
+def arrays(url: str) -> dict[str, np.ndarray]:
+    root = zarr.open_group(url, mode="r")
+    out: dict[str, np.ndarray] = {}
+
+    def walk(group: zarr.Group, prefix: str) -> None:
+        for name, node in group.members():
+            if isinstance(node, zarr.Array):
+                out[prefix + name] = np.asarray(node[...])
+            elif name != "_state":
+                walk(node, prefix + name + "/")
+
+    walk(root, "")
+    return out
+
+
+def assert_same_arrays(a: str, b: str) -> None:
+    xa, xb = arrays(a), arrays(b)
+    assert sorted(xa) == sorted(xb)
+    assert not any("partial" in key for key in xa)
+    for key in xa:
+        assert xa[key].dtype == xb[key].dtype, key
+        assert np.array_equal(xa[key], xb[key], equal_nan=xa[key].dtype.kind == "f"), key
+
+
+def sweep(url: str, shard_size: int) -> dict[str, Any]:
+    return run_sweep(
+        url,
+        model_name=MODEL,
+        data_spec=DATA,
+        layers=LAYERS,
+        k=K,
+        shard_size=shard_size,
+        batch_size=BATCH,
+        device="cpu",
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("atlas") / "one")
+    out = sweep(url, N)
+    assert out["images"] == N and out["skipped"] == 0
+    return url
+
+
+def test_one_shard_equals_four_shards(one_shard: str, tmp_path: Path) -> None:
+    url = str(tmp_path / "four")
+    sweep(url, 5)  # rounded up to 6 = one batch: 4 shards
+    assert zarr.open_group(url, mode="r").attrs["run"]["config"]["shard_size"] == BATCH
+    assert_same_arrays(one_shard, url)
+
+
+def test_rerun_after_lost_shard_marker_gives_same_store(one_shard: str, tmp_path: Path) -> None:
+    url = str(tmp_path / "resume")
+    store = prepare_store(
+        url,
+        model_name=MODEL,
+        weights=None,
+        data_spec=DATA,
+        layers=LAYERS,
+        k=K,
+        shard_size=12,
+        batch_size=BATCH,
+    )
+    model = get_model(MODEL)
+    ds = open_dataset(DATA, size=64)
+    for shard in range(store.num_shards):
+        sweep_shard(url, shard, model=model, dataset=ds, device="cpu")
+    with pytest.raises(StoreError, match="not merged"):
+        crop_patches(url, "conv1", dataset=ds)
+    # shard 1 "crashed" after writing garbage, before its marker
+    act = zarr.open_array(url, path="layers/conv1/activation", mode="r+")
+    act[12:24] = 7.0
+    part = zarr.open_array(url, path="layers/layer4.0/partial/stimulus_sum", mode="r+")
+    part[1] = 123
+    (Path(url) / "_state" / "done" / "sweep" / "shard-0001").unlink()
+    with pytest.raises(StoreError, match="shard"):
+        merge_layer(url, "conv1")
+    assert sweep(url, 12)["images"] == 12  # only shard 1 is swept again
+    assert_same_arrays(one_shard, url)
+    assert sweep(url, 12)["images"] == 0  # everything done: nothing recomputed
+
+
+def test_store_matches_in_memory_reducers(one_shard: str) -> None:
+    model = get_model(MODEL)
+    ds = open_dataset(DATA, size=64)
+    reducers = sweep_dataset(model, ds, LAYERS, SweepConfig(k=K, batch_size=BATCH, device="cpu"))
+    root = zarr.open_group(one_shard, mode="r")
+    for name, red in reducers.items():
+        res = red.result()
+        g = root[f"layers/{name}"]
+        assert g.attrs["complete"] is True
+        assert g.attrs["patch"]["factor"] == red.geometry.factor
+        np.testing.assert_array_equal(g["topk/image"][...], res.topk_image)
+        np.testing.assert_array_equal(g["topk/value"][...], res.topk_value)
+        np.testing.assert_array_equal(g["topk/y"][...], res.topk_y)
+        np.testing.assert_array_equal(g["topk/x"][...], res.topk_x)
+        np.testing.assert_array_equal(g["mean_stimulus"][...], res.mean_stimulus)
+        for stat in ("positive_count", "max", "mean", "zero_fraction"):
+            np.testing.assert_array_equal(g[stat][...], getattr(res, stat), err_msg=stat)
+        act = g["activation"][...]
+        np.testing.assert_array_equal(act.max(axis=0), res.max)
+        top = res.topk_image[:, 0]
+        np.testing.assert_array_equal(act[top, np.arange(len(top))], res.topk_value[:, 0])
+        assert g["topk/patch"].shape == (red.channels, K, 3, red.geometry.size, red.geometry.size)
+    assert root["layers/layer4.0"].attrs["patch"]["factor"] == 4
+
+
+class Flaky(ImageDataset):
+    """Synthetic images, but image 4 is unreadable."""
+
+    def __init__(self) -> None:
+        self.inner = open_dataset(DATA, size=64)
+        self.size = 64
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def get(self, index: int) -> tuple[np.ndarray, int]:
+        if index == 4:
+            raise BadImageError("flaky[4]", "truncated file")
+        return self.inner.get(index)
+
+
+def test_skipped_images_are_nan_rows_and_reported(tmp_path: Path) -> None:
+    url = str(tmp_path / "skip")
+    prepare_store(
+        url,
+        model_name=MODEL,
+        weights=None,
+        data_spec=DATA,
+        layers="conv1",
+        k=K,
+        shard_size=12,
+        batch_size=BATCH,
+    )
+    ds = Flaky()
+    out = sweep_shard(url, 0, model=get_model(MODEL), dataset=ds, device="cpu")
+    want = [{"index": 4, "path": "flaky[4]", "reason": "truncated file"}]
+    assert out["skipped"] == want and out["images"] == 11
+    act = zarr.open_array(url, path="layers/conv1/activation", mode="r")[...]
+    assert np.isnan(act[4]).all() and not np.isnan(act[:4]).any() and np.isnan(act[12:]).all()
+    again = sweep_shard(url, 0, model=get_model(MODEL), dataset=ds, device="cpu")
+    assert again["cached"] and again["skipped"] == want

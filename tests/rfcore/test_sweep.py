@@ -1,0 +1,284 @@
+"""rfcore.sweep against a brute-force NumPy reference: top-k, mean stimulus, stats, merges."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rfcore.sweep import (
+    FIXED_POINT_BITS,
+    LayerReducer,
+    PatchGeometry,
+    crop_topk_patches,
+    patch_geometry,
+    pool_images,
+)
+
+
+@dataclass(frozen=True)
+class RF:
+    size: tuple[int, int]
+    stride: tuple[int, int]
+    offset: tuple[float, float]
+
+
+# Tiny net, its layers and their hand-computed receptive fields (input pixel units).
+TINY_RF = {
+    "a": RF((3, 3), (1, 1), (0.0, 0.0)),  # conv3 s1 p1
+    "b": RF((7, 7), (2, 2), (0.0, 0.0)),  # conv5 s2 p2
+    "c": RF((11, 11), (4, 4), (0.0, 0.0)),  # maxpool3 s2 p1
+    "d": RF((19, 19), (8, 8), (4.0, 4.0)),  # conv3 s2 p0
+}
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, 1, 1)
+        self.b = nn.Conv2d(4, 5, 5, 2, 2)
+        self.c = nn.MaxPool2d(3, 2, 1)
+        self.d = nn.Conv2d(5, 6, 3, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        a = self.a(x)
+        b = torch.relu(self.b(torch.relu(a)))
+        c = self.c(b)
+        return {"a": a, "b": b, "c": c, "d": self.d(c)}  # "a" and "d" are pre-ReLU (negatives, no zeros)
+
+
+class ArrayDataset:
+    """Minimal ImageDataset over an in-memory uint8 array."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, index: int) -> tuple[np.ndarray, int]:
+        self.reads.append(index)
+        return self.images[index], 0
+
+
+def make_images(n: int = 40, size: int = 36, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+    images[7] = images[3]  # duplicates: ties must go to the lower index
+    images[30] = images[3]
+    images[12] = images[11]
+    return images
+
+
+def forward_acts(images: np.ndarray, batch: int) -> list[dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    net = Tiny().eval()
+    with torch.no_grad():
+        net.b.bias -= 0.3  # some channels never positive on some images
+        out = []
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(images[i : i + batch]).float() / 255 - 0.5
+            out.append(net(x))
+    return out
+
+
+def reference(acts: np.ndarray, images: np.ndarray, geo: PatchGeometry, k: int) -> dict[str, Any]:
+    """Brute force: loops over channels and images, explicit boxes cut from a zero-padded image."""
+    n, c, _, w = acts.shape
+    flat = acts.reshape(n, c, -1)
+    mx, arg = flat.max(axis=2), flat.argmax(axis=2)
+    f, p = geo.factor, geo.size
+    tv = np.full((c, k), -np.inf, np.float32)
+    ti = np.full((c, k), -1, np.int64)
+    ty = np.full((c, k), -1, np.int32)
+    tx = np.full((c, k), -1, np.int32)
+    stim = np.zeros((c, 3, p, p), np.int64)
+    m = 4 * p * f
+    big = np.pad(images.astype(np.int64), ((0, 0), (0, 0), (m, m), (m, m)))
+    for ch in range(c):
+        order = sorted(range(n), key=lambda i: (-float(mx[i, ch]), i))[:k]
+        for j, i in enumerate(order):
+            tv[ch, j], ti[ch, j] = mx[i, ch], i
+            ty[ch, j], tx[ch, j] = divmod(int(arg[i, ch]), w)
+        for i in range(n):
+            if mx[i, ch] > 0:
+                y, x = divmod(int(arg[i, ch]), w)
+                y0 = geo.first[0] + y * geo.stride[0] + m
+                x0 = geo.first[1] + x * geo.stride[1] + m
+                box = big[i, :, y0 : y0 + p * f, x0 : x0 + p * f]
+                stim[ch] += box.reshape(3, p, f, p, f).sum(axis=(2, 4))
+    a64 = acts.astype(np.float64)
+    return {
+        "topk_value": tv,
+        "topk_image": ti,
+        "topk_y": ty,
+        "topk_x": tx,
+        "stimulus_sum": stim,
+        "positive_count": (mx > 0).sum(axis=0),
+        "max": mx.max(axis=0),
+        "mean": a64.mean(axis=(0, 2, 3)),
+        "zero_fraction": (acts == 0).mean(axis=(0, 2, 3)),
+        "spatial_max": mx,
+        "spatial_arg": arg,
+    }
+
+
+def run_reducer(
+    layer: str,
+    images: np.ndarray,
+    batches: list[dict[str, torch.Tensor]],
+    batch: int,
+    geo: PatchGeometry,
+    k: int,
+) -> tuple[LayerReducer, np.ndarray, np.ndarray]:
+    red = LayerReducer(batches[0][layer].shape[1], geo, k=k)
+    mxs, args = [], []
+    for bi, out in enumerate(batches):
+        idx = torch.arange(bi * batch, bi * batch + out[layer].shape[0])
+        mx, arg = red.add(out[layer], torch.from_numpy(images[idx.numpy()]), idx)
+        mxs.append(mx.numpy())
+        args.append(arg.numpy())
+    return red, np.concatenate(mxs), np.concatenate(args)
+
+
+def test_patch_geometry_rules() -> None:
+    image = (36, 36)
+    assert patch_geometry(TINY_RF["a"], image, 4) == PatchGeometry(1, 3, (-1, -1), (1, 1), image)
+    assert patch_geometry(TINY_RF["b"], image, 4) == PatchGeometry(2, 4, (-3, -3), (2, 2), image)
+    assert patch_geometry(TINY_RF["c"], image, 4) == PatchGeometry(4, 3, (-5, -5), (4, 4), image)
+    assert patch_geometry(TINY_RF["d"], image, 4) == PatchGeometry(8, 3, (-5, -5), (8, 8), image)
+    assert patch_geometry(TINY_RF["d"], image, 64).factor == 1
+    # no power of two both shrinks the patch enough and divides the stride: largest dividing one
+    assert patch_geometry(TINY_RF["b"], image, 2) == PatchGeometry(2, 4, (-3, -3), (2, 2), image)
+    assert patch_geometry(RF((899, 899), (32, 32), (0.0, 0.0)), (224, 224), 64).factor == 16
+
+
+def test_pool_images_sums_cells_exactly() -> None:
+    img = torch.randint(0, 256, (2, 3, 10, 9), dtype=torch.uint8)
+    out = pool_images(img, 4, (3, 1), torch.int32)
+    ref = np.zeros((2, 3, 3, 3), np.int64)  # cells start at 3 + 4j (rows), 1 + 4j (cols); j from -1
+    a = img.numpy().astype(np.int64)
+    for r in range(3):
+        for q in range(3):
+            y0, x0 = 3 + 4 * (r - 1), 1 + 4 * (q - 1)
+            ref[:, :, r, q] = a[:, :, max(y0, 0) : y0 + 4, max(x0, 0) : x0 + 4].sum(axis=(2, 3))
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
+@pytest.mark.parametrize(("patch_max", "batch"), [(4, 8), (64, 16), (2, 7)])
+@pytest.mark.parametrize("layer", ["a", "b", "c", "d"])
+def test_reducer_matches_numpy_reference(layer: str, patch_max: int, batch: int) -> None:
+    images = make_images()
+    batches = forward_acts(images, batch)
+    geo = patch_geometry(TINY_RF[layer], images.shape[-2:], patch_max)
+    k = 5
+    red, mx, arg = run_reducer(layer, images, batches, batch, geo, k)
+    acts = torch.cat([o[layer] for o in batches]).numpy()
+    ref = reference(acts, images, geo, k)
+    np.testing.assert_array_equal(mx, ref["spatial_max"])
+    np.testing.assert_array_equal(arg, ref["spatial_arg"])
+    state = red.state_dict()
+    for key in ("topk_value", "topk_image", "topk_y", "topk_x", "stimulus_sum", "positive_count", "max"):
+        np.testing.assert_array_equal(state[key], ref[key], err_msg=key)
+    assert state["stimulus_sum"].any() or not (ref["positive_count"] > 0).any()
+    res = red.result()
+    nb = len(batches)
+    n = acts.shape[0] * acts.shape[2] * acts.shape[3]
+    np.testing.assert_allclose(res.mean, ref["mean"], rtol=1e-6, atol=nb * 2.0**-FIXED_POINT_BITS / n + 1e-7)
+    np.testing.assert_array_equal(res.zero_fraction, ref["zero_fraction"].astype(np.float32))
+    count = ref["positive_count"]
+    with np.errstate(invalid="ignore"):
+        want = (ref["stimulus_sum"] / (count * geo.factor**2)[:, None, None, None]).astype(np.float32)
+    np.testing.assert_array_equal(res.mean_stimulus, want)
+    assert int(state["position_count"]) == n
+
+
+def test_ties_go_to_lower_index_and_padding() -> None:
+    images = make_images()[:6].copy()
+    images[:] = images[0]  # six identical images: all values tie
+    batches = forward_acts(images, 4)
+    geo = patch_geometry(TINY_RF["b"], images.shape[-2:], 64)
+    red, _, _ = run_reducer("b", images, batches, 4, geo, 8)
+    st = red.state_dict()
+    np.testing.assert_array_equal(st["topk_image"], np.tile([0, 1, 2, 3, 4, 5, -1, -1], (5, 1)))
+    assert np.isneginf(st["topk_value"][:, 6:]).all()
+
+
+def test_negative_zero_ties_with_zero() -> None:
+    geo = PatchGeometry(1, 1, (0, 0), (1, 1), (2, 2))
+    red = LayerReducer(1, geo, k=2)
+    img = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    red.add(torch.full((1, 1, 2, 2), -0.0), img, torch.tensor([0]))
+    red.add(torch.zeros(1, 1, 2, 2), img, torch.tensor([1]))
+    assert red.state_dict()["topk_image"].tolist() == [[0, 1]]
+
+
+@pytest.mark.parametrize("layer", ["b", "d"])
+def test_merge_of_partials_equals_one_pass_bit_for_bit(layer: str) -> None:
+    images = make_images()
+    batch = 5
+    batches = forward_acts(images, batch)
+    geo = patch_geometry(TINY_RF[layer], images.shape[-2:], 4)
+    whole, _, _ = run_reducer(layer, images, batches, batch, geo, 6)
+    c = batches[0][layer].shape[1]
+    parts = [LayerReducer(c, geo, k=6) for _ in range(4)]
+    for bi, out in enumerate(batches):  # contiguous shards of 2 batches each
+        idx = torch.arange(bi * batch, (bi + 1) * batch)
+        parts[min(bi // 2, 3)].add(out[layer], torch.from_numpy(images[idx.numpy()]), idx)
+    want = whole.state_dict()
+    for order in list(itertools.permutations(range(4)))[::5]:
+        acc = LayerReducer.from_state_dict(parts[order[0]].state_dict(), geo)
+        for i in order[1:]:
+            acc.merge(LayerReducer.from_state_dict(parts[i].state_dict(), geo))
+        got = acc.state_dict()
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype, key
+            assert np.array_equal(got[key], want[key]), (order, key)
+
+
+def test_crop_topk_patches_matches_reference() -> None:
+    images = make_images()
+    batches = forward_acts(images, 8)
+    ds = ArrayDataset(images)
+    for layer, patch_max in (("a", 64), ("d", 4), ("d", 64), ("c", 4)):
+        geo = patch_geometry(TINY_RF[layer], images.shape[-2:], patch_max)
+        red, _, _ = run_reducer(layer, images, batches, 8, geo, 4)
+        st = red.state_dict()
+        st["topk_image"][0, -1] = -1  # a padding entry crops to zeros
+        ds.reads.clear()
+        got = crop_topk_patches(ds, geo, st["topk_image"], st["topk_y"], st["topk_x"])
+        assert sorted(ds.reads) == sorted(set(st["topk_image"][st["topk_image"] >= 0].tolist()))
+        f, p = geo.factor, geo.size
+        m = 4 * p * f
+        big = np.pad(images.astype(np.int64), ((0, 0), (0, 0), (m, m), (m, m)))
+        for ch, j in np.ndindex(*st["topk_image"].shape):
+            i = st["topk_image"][ch, j]
+            if i < 0:
+                assert not got[ch, j].any()
+                continue
+            y0 = geo.first[0] + int(st["topk_y"][ch, j]) * geo.stride[0] + m
+            x0 = geo.first[1] + int(st["topk_x"][ch, j]) * geo.stride[1] + m
+            s = big[i, :, y0 : y0 + p * f, x0 : x0 + p * f].reshape(3, p, f, p, f).sum(axis=(2, 4))
+            np.testing.assert_array_equal(got[ch, j], np.floor(s / f**2 + 0.5).astype(np.uint8))
+
+
+def test_state_dict_roundtrip_and_shape_check() -> None:
+    geo = PatchGeometry(2, 3, (-1, -1), (2, 2), (8, 8))
+    red = LayerReducer(3, geo, k=2)
+    red.add(
+        torch.rand(2, 3, 4, 4), torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), torch.tensor([4, 9])
+    )
+    again = LayerReducer.from_state_dict(red.state_dict(), geo)
+    for key, val in red.state_dict().items():
+        assert np.array_equal(again.state_dict()[key], val)
+    bad = red.state_dict()
+    bad["stimulus_sum"] = bad["stimulus_sum"][:, :, :2]
+    with pytest.raises(ValueError, match="stimulus_sum"):
+        LayerReducer.from_state_dict(bad, geo)
