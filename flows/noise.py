@@ -10,8 +10,8 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from rfcore.inactive import default_layer, read_inactive
 from rfcore.errors import StoreError
+from rfcore.inactive import default_layer, read_inactive
 from rfcore.models import get_model
 from rfcore.noise import CONDITIONS, check_conditions, compare_table, prepare_noise
 from rfcore.store import Atlas, AtlasStore
@@ -29,9 +29,12 @@ def _layer(store: AtlasStore, layer: str | None) -> str:
 
 @flow(name="inactive")
 def inactive_analysis(store_url: str, *, layer: str | None = None, threshold: float = 0.0) -> dict[str, Any]:
-    """Detect the inactive channels of `layer` (default: first max-pool) from the sweep's maxima."""
-    name = _layer(AtlasStore.open(store_url, "r"), layer)
-    return detect_inactive_task(store_url, name, threshold)
+    """Detect the inactive channels of `layer` (default: the first max-pool; "all": every swept
+    layer) from the sweep's maxima. Returns {threshold, inactive: {layer: [channel, ...]}}."""
+    store = AtlasStore.open(store_url, "r")
+    names = store.layer_names if layer == "all" else [_layer(store, layer)]
+    found = {name: detect_inactive_task(store_url, name, threshold)["inactive"] for name in names}
+    return {"threshold": threshold, "inactive": found}
 
 
 @flow(name="noise")
@@ -77,7 +80,8 @@ def compare(urls: list[str]) -> str:
 
 def _cmd_inactive(args: argparse.Namespace) -> int:
     res = inactive_analysis(args.url, layer=args.layer, threshold=args.threshold)
-    print(f"{args.url} {res['layer']}: {len(res['inactive'])} inactive channels {res['inactive']}")
+    for name, channels in res["inactive"].items():
+        print(f"{name}: {len(channels)} inactive channel(s) {channels}")
     return 0
 
 
@@ -104,7 +108,7 @@ def register_cli(subparsers: Any) -> None:
     """Add `rfatlas inactive`, `rfatlas noise` and `rfatlas compare` (handlers return the exit code)."""
     p = subparsers.add_parser("inactive", help="detect inactive channels of a swept layer (paper §3.5)")
     p.add_argument("url", help="atlas URL")
-    p.add_argument("--layer", default=None, help="layer (default: the model's first max-pool)")
+    p.add_argument("--layer", default=None, help="layer, or all (default: the model's first max-pool)")
     p.add_argument("--threshold", type=float, default=0.0, help="inactive when max activation <= this")
     p.set_defaults(func=_cmd_inactive)
 

@@ -14,6 +14,8 @@ not clipped).
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -21,17 +23,31 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import zarr
 from torch import Tensor, nn
 
-from rfcore.errors import RfatlasError, UnknownLayerError
-from rfcore.layers import capture
+from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError, UnknownLayerError
+from rfcore.layers import capture, list_layers, resolve_layers
 from rfcore.receptive import Box, receptive_fields, rf_box
+from rfcore.schema import spec
+from rfcore.store import AtlasStore, redact
 
 OBJECTIVES = ("neuron", "channel")
 
 # lucid's colour-correlation square root (ImageNet), columns normalized to a max norm of 1.
 _COLOR_SQRT = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], dtype=np.float32)
 _COLOR = _COLOR_SQRT / np.max(np.linalg.norm(_COLOR_SQRT, axis=0))
+
+
+# Runs on one model object are serialized: hooks and requires_grad flags live on the shared module
+# (a worker's cached model serves every task thread).
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> threading.Lock:
+    with _LOCKS_LOCK:
+        return _MODEL_LOCKS.setdefault(model, threading.Lock())
 
 
 class ActmaxError(RfatlasError):
@@ -81,6 +97,11 @@ class ActmaxConfig:
         d = asdict(self)
         d["scales"], d["angles"] = list(self.scales), list(self.angles)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ActmaxConfig:
+        """Inverse of `to_dict`."""
+        return cls(**{**d, "scales": tuple(d["scales"]), "angles": tuple(d["angles"])})
 
 
 PRESETS: dict[str, ActmaxConfig] = {
@@ -201,6 +222,8 @@ def _transform(x: Tensor, config: ActmaxConfig, gens: list[torch.Generator], gre
 
 def _objective(act: Tensor, rows: Tensor, objective: str) -> Tensor:
     """Per-image objective (B,) from the layer output (B, C, H, W); image i serves channel rows[i]."""
+    if act.dim() == 2:  # a linear layer: one unit per channel
+        act = act[:, :, None, None]
     maps = act[torch.arange(act.shape[0], device=act.device), rows].float()
     if objective == "neuron":
         return maps[:, maps.shape[1] // 2, maps.shape[2] // 2]
@@ -259,39 +282,136 @@ def actmax(
     optimizer = torch.optim.Adam([image.param], lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     trace = torch.empty(cfg.steps, len(channels), device=device)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        with capture(model, [layer], stop_early=True) as cap:
-            for step in range(cfg.steps):
-                optimizer.zero_grad(set_to_none=True)
-                x = image.render()
-                with amp:
-                    act = cap.run(_transform(x, cfg, gens, grey))[layer]
-                if step == 0 and (min(channels) < 0 or max(channels) >= act.shape[1]):
-                    raise ActmaxError(f"channels must be in 0-{act.shape[1] - 1} for layer {layer!r}")
-                value = _objective(act, rows, objective)
-                loss = (_penalty(x, cfg) - value).sum() if cfg.lam else -value.sum()
-                loss.backward()
-                optimizer.step()
-                trace[step] = value.detach()
-            with torch.no_grad(), amp:
-                act = cap.run(image.render())[layer]
-                final = _objective(act, rows, objective).cpu()
-                rgb = image.rgb().float().cpu()
-    finally:
+    with _model_lock(model):
+        frozen = [p for p in model.parameters() if p.requires_grad]
         for p in frozen:
-            p.requires_grad_(True)
-    position = box = crop = None
-    if objective == "neuron":
-        position = (act.shape[2] // 2, act.shape[3] // 2)
-        rfs = receptive_fields(model, input_size=size)
-        if layer not in rfs:
-            raise UnknownLayerError(f"no receptive field known for layer {layer!r}")
-        box = rf_box(rfs[layer], position[0], position[1], (size, size))
-        crop = rf_crop(rgb, box)
+            p.requires_grad_(False)
+        try:
+            with capture(model, [layer], stop_early=True) as cap:
+                for step in range(cfg.steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    x = image.render()
+                    with amp:
+                        act = cap.run(_transform(x, cfg, gens, grey))[layer]
+                    if step == 0 and (min(channels) < 0 or max(channels) >= act.shape[1]):
+                        raise ActmaxError(f"channels must be in 0-{act.shape[1] - 1} for layer {layer!r}")
+                    value = _objective(act, rows, objective)
+                    loss = (_penalty(x, cfg) - value).sum() if cfg.lam else -value.sum()
+                    torch.autograd.backward(loss)
+                    optimizer.step()
+                    trace[step] = value.detach()
+                with torch.no_grad(), amp:
+                    act = cap.run(image.render())[layer]
+                    final = _objective(act, rows, objective).cpu()
+                    rgb = image.rgb().float().cpu()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        position = box = crop = None
+        if objective == "neuron":
+            position = (act.shape[2] // 2, act.shape[3] // 2)
+            rfs = receptive_fields(model, input_size=size)
+            if layer not in rfs:
+                raise UnknownLayerError(f"no receptive field known for layer {layer!r}")
+            box = rf_box(rfs[layer], position[0], position[1], (size, size))
+            crop = rf_crop(rgb, box)
     return ActmaxResult(
         layer=layer, objective=objective, channels=list(channels), image=rgb, activation=final,
         trace=trace.T.cpu().contiguous(), position=position, box=box, crop=crop,
     )
+
+
+# --- the atlas: layers/<layer>/actmax/<objective>/{image, activation, trace, crop} --------------------
+
+
+def block_key(layer: str, objective: str, block: int) -> str:
+    """Completion-marker key of channel block `block` (`AtlasStore.mark_done`)."""
+    return f"actmax/{layer}/{objective}/block-{block:04d}"
+
+
+def plan_blocks(channels: Sequence[int], block_size: int) -> list[tuple[int, list[int]]]:
+    """(block, channels): block b holds the requested channels in [b·block_size, (b+1)·block_size)."""
+    if block_size < 1:
+        raise ActmaxError(f"block size must be >= 1, got {block_size}")
+    blocks: dict[int, list[int]] = {}
+    for c in sorted(set(channels)):
+        blocks.setdefault(c // block_size, []).append(c)
+    return sorted(blocks.items())
+
+
+def _group(store: AtlasStore, layer: str, objective: str) -> zarr.Group:
+    path = f"layers/{layer}/actmax/{objective}"
+    node = store.root.get(path)
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"{redact(store.url)} has no {path}; run prepare_actmax first")
+    return node
+
+
+def prepare_actmax(
+    store: AtlasStore, model: nn.Module, layer: str, objective: str, *, config: ActmaxConfig,
+    seed: int = 0, block_size: int = 64,
+) -> dict[str, Any]:
+    """Create the arrays of (layer, objective) and record the settings in the group attrs;
+    ConfigMismatchError if the store already holds results made with other settings."""
+    if objective not in OBJECTIVES:
+        raise ActmaxError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    (name,) = resolve_layers(model, [layer])
+    size, _, _ = _preprocessing(model, config.size)
+    info = next(i for i in list_layers(model, input_size=size) if i.name == name)
+    attrs: dict[str, Any] = {
+        "config": {**config.to_dict(), "size": size}, "seed": seed, "block_size": block_size,
+        "channels": info.channels,
+    }
+    c = info.channels
+    arrays = [("image", (c, 3, size, size), (1, 3, size, size)), ("activation", (c,), (block_size,)),
+              ("trace", (c, config.steps), (block_size, config.steps))]
+    if objective == "neuron":
+        position = (info.shape[0] // 2, info.shape[1] // 2)
+        box = rf_box(receptive_fields(model, input_size=size)[name], *position, (size, size))
+        attrs.update(position=list(position), rf_box=[box.y0, box.y1, box.x0, box.x1])
+        rh, rw = box.y1 - box.y0, box.x1 - box.x0
+        arrays.append(("crop", (c, 3, rh, rw), (1, 3, rh, rw)))
+    existing = store.root.get(f"layers/{name}/actmax/{objective}")
+    if isinstance(existing, zarr.Group) and existing.attrs and dict(existing.attrs) != attrs:
+        raise ConfigMismatchError(
+            f"{redact(store.url)} holds {objective} act-max results for {name} made with other settings; "
+            "use another --out"
+        )
+    for what, shape, chunks in arrays:
+        path = f"layers/{{layer}}/actmax/{'{objective}' if what != 'crop' else 'neuron'}/{what}"
+        keys = {"objective": objective} if what != "crop" else {}
+        store.require_array(spec(path), shape, chunks, layer=name, **keys)
+    _group(store, name, objective).attrs.update(attrs)
+    return attrs
+
+
+def write_actmax(store: AtlasStore, result: ActmaxResult) -> None:
+    """Write the rows of `result` into the arrays made by `prepare_actmax`."""
+    rows = np.asarray(result.channels)
+    out = {"image": result.image, "activation": result.activation, "trace": result.trace}
+    if result.crop is not None:
+        out["crop"] = result.crop
+    group = _group(store, result.layer, result.objective)
+    for what, data in out.items():
+        arr = group[what]
+        assert isinstance(arr, zarr.Array)
+        arr.set_orthogonal_selection((rows,) + (slice(None),) * (data.dim() - 1), data.numpy())
+
+
+def actmax_block(
+    store: AtlasStore, model: nn.Module, layer: str, objective: str, block: int, channels: Sequence[int]
+) -> dict[str, Any]:
+    """Render one channel block with the settings `prepare_actmax` recorded, write it, and mark it
+    done when it covers its whole channel range (a done block is skipped)."""
+    key = block_key(layer, objective, block)
+    summary: dict[str, Any] = {"layer": layer, "objective": objective, "block": block, "channels": len(channels)}
+    if store.is_done(key):
+        return {**summary, "skipped": True}
+    attrs: dict[str, Any] = dict(_group(store, layer, objective).attrs)
+    size = attrs["block_size"]
+    config = ActmaxConfig.from_dict(attrs["config"])
+    result = actmax(model, layer, channels, objective=objective, config=config, seed=int(attrs["seed"]))
+    write_actmax(store, result)
+    if sorted(channels) == list(range(block * size, min((block + 1) * size, int(attrs["channels"])))):
+        store.mark_done(key)
+    return {**summary, "skipped": False, "mean_activation": float(result.activation.mean())}

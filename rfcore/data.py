@@ -136,7 +136,7 @@ class SyntheticClass:
 _LOW, _HIGH = 3.0, 8.0
 _OPPONENT = {"red-green": (0.5, -0.5, 0.0), "blue-yellow": (0.35, 0.35, -0.5)}
 SYNTHETIC_CLASSES: tuple[SyntheticClass, ...] = tuple(
-    SyntheticClass(f"{o}deg-{'low' if c == _LOW else 'high'}sf-{col.replace('-', '')}", o, c, col)
+    SyntheticClass(f"{o:g}deg-{'low' if c == _LOW else 'high'}sf-{col.replace('-', '')}", o, c, col)
     for o, c, col in (
         (0.0, _LOW, "red-green"),
         (45.0, _LOW, "red-green"),
@@ -273,26 +273,33 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
-def _is_image(path: str) -> bool:
-    name = posixpath.basename(path)
-    return not name.startswith(".") and posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def _is_image(parts: list[str]) -> bool:
+    """An image file not inside a hidden folder, by extension."""
+    return (
+        not any(p.startswith(".") for p in parts)
+        and posixpath.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS
+    )
 
 
 def _open_folder(spec: str, location: str, size: int, resize: int) -> FileDataset:
-    """``PATH/<class>/<image>`` (classes sorted) or a flat folder of images (label -1)."""
+    """``PATH/<class>/.../<image>`` (classes sorted) or a flat folder of images (label -1).
+
+    When class folders exist, images directly under PATH are ignored (as torchvision's ImageFolder does).
+    """
     try:
         fs, root = fsspec.core.url_to_fs(location)
         if not fs.isdir(root):
             raise DataError(f"{spec}: no such folder")
-        paths = sorted(p for p in fs.find(root) if _is_image(p))
+        root = root.rstrip("/")
+        rel = {p: p[len(root) + 1 :].split("/") for p in fs.find(root)}
     except (OSError, ValueError) as e:
         raise DataError(f"{spec}: cannot list folder ({type(e).__name__}: {e})") from e
-    root = root.rstrip("/")
-    nested = [p for p in paths if "/" in p[len(root) + 1 :]]
+    paths = sorted(p for p, parts in rel.items() if _is_image(parts))
+    nested = [p for p in paths if len(rel[p]) > 1]
     if nested:
-        class_names = sorted({p[len(root) + 1 :].split("/", 1)[0] for p in nested})
+        class_names = sorted({rel[p][0] for p in nested})
         index = {name: i for i, name in enumerate(class_names)}
-        files = [(p, index[p[len(root) + 1 :].split("/", 1)[0]]) for p in nested]
+        files = [(p, index[rel[p][0]]) for p in nested]
     else:
         class_names, files = [], [(p, -1) for p in paths]
     if not files:

@@ -75,7 +75,7 @@ def run_dummy(model: nn.Module, x: Tensor) -> None:
         ) from exc
 
 
-def _kind(module: nn.Module, parent: nn.Module | None) -> str | None:
+def _kind(module: nn.Module, parent: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d):
         return "conv"
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)):

@@ -12,11 +12,12 @@ is the run's batch size; so results do not depend on sharding or on how batches 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,13 +47,16 @@ def check_conditions(conditions: Iterable[str]) -> tuple[str, ...]:
     return tuple(c for c in CONDITIONS if c in wanted)
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
+_Word = TypeVar("_Word", Tensor, int)
+
+
+def _mul32(x: _Word, c: int) -> _Word:
     """(x * c) mod 2**32 for 0 <= x < 2**32 in int64 without overflow."""
     return (((x & 0xFFFF) * c) + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
 
 
-def _mix(x: Tensor) -> Tensor:
-    """lowbias32 integer hash (C. Wellons) on uint32 values held in int64."""
+def _mix(x: _Word) -> _Word:
+    """lowbias32 integer hash (C. Wellons) on uint32 values (Python ints or int64 tensors)."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -67,9 +71,9 @@ def image_normal(indices: Tensor, shape: tuple[int, ...], *, seed: int, stream: 
     n = math.prod(shape)
     pairs = (n + 1) // 2
     counter = torch.arange(pairs, device=device, dtype=torch.int64)
-    base = _mix(torch.tensor([(seed & _M32) ^ 0x9E3779B9], device=device, dtype=torch.int64))
-    base = _mix(base ^ ((seed >> 32) & _M32) ^ _mix(base.new_tensor([stream & _M32])))
-    key = _mix(base ^ _mix(indices.to(torch.int64) & _M32))[:, None]
+    base = _mix((seed & _M32) ^ 0x9E3779B9)  # host ints: no transfer, no device sync
+    base = _mix(base ^ ((seed >> 32) & _M32) ^ _mix(stream & _M32))
+    key = _mix(_mix(indices.to(torch.int64) & _M32) ^ base)[:, None]
     a = _mix(_mix(2 * counter)[None] ^ key)
     b = _mix(_mix(2 * counter + 1)[None] ^ key)
     u1 = ((a >> 8) + 1).to(torch.float32) * 2.0**-24  # (0, 1]
@@ -98,7 +102,10 @@ def block_channels(
 
 
 class NoiseInjector:
-    """Forward hook adding ε = max(σ·z, 0) to the chosen channels of a layer's output."""
+    """Forward hook adding ε = max(σ·z, 0) to the chosen channels of a layer's output.
+
+    It acts only on forward passes of the thread that made it, so tasks sharing one cached model
+    in a thread pool do not see each other's noise."""
 
     def __init__(
         self, condition: str, inactive: NDArray[np.bool_], *, sigma: float, seed: int, block_size: int
@@ -113,18 +120,25 @@ class NoiseInjector:
         self.block_size = int(block_size)
         self._indices: Tensor | None = None
         self._channels: Tensor | None = None
+        self._thread = threading.get_ident()
 
-    def set_batch(self, indices: Tensor) -> None:
-        """Dataset indices of the next forward pass (on the model's device)."""
-        blocks = (indices.cpu().numpy() // self.block_size).astype(np.int64)
+    def set_batch(self, indices: Tensor, device: torch.device) -> None:
+        """Dataset indices (host tensor) of the next forward pass, which runs on `device`."""
+        blocks = (indices.numpy() // self.block_size).astype(np.int64)
         uniq, inverse = np.unique(blocks, return_inverse=True)
-        table = np.stack(
-            [block_channels(self.condition, self.inactive, int(b), seed=self.seed) for b in uniq]
+        table = torch.from_numpy(
+            np.stack([block_channels(self.condition, self.inactive, int(b), seed=self.seed) for b in uniq])[
+                inverse
+            ]
         )
-        self._indices = indices
-        self._channels = torch.from_numpy(table[inverse]).to(indices.device, non_blocking=True)
+        if device.type == "cuda":  # page-locked (cached host allocator) so the copies stay asynchronous
+            indices, table = indices.pin_memory(), table.pin_memory()
+        self._indices = indices.to(device, non_blocking=True)
+        self._channels = table.to(device, non_blocking=True)
 
-    def __call__(self, module: nn.Module, inputs: Any, out: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, inputs: Any, out: Tensor) -> Tensor | None:
+        if threading.get_ident() != self._thread:
+            return None  # a forward of the same (shared, cached) model in another thread
         if self._indices is None or self._channels is None:
             raise RuntimeError("NoiseInjector.set_batch was not called before the forward pass")
         if out.shape[1] != len(self.inactive):
@@ -198,11 +212,10 @@ def evaluate(
         for batch in batches:
             if len(batch.indices) == 0:
                 continue
-            indices = batch.indices.to(device, non_blocking=True)
             labels = batch.labels.to(device, non_blocking=True)
             x = normalize(batch.images.to(device, non_blocking=True))
             if injector is not None:
-                injector.set_batch(indices)
+                injector.set_batch(batch.indices, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(x)
             logits = logits.float()

@@ -271,32 +271,37 @@ def receptive_fields(model: nn.Module, input_size: int | None = None) -> dict[st
     return _receptive_fields(model, size, list_layers(model, size))
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
 def _positive_probe(model: nn.Module) -> nn.Module:
     """Copy of the model whose every unit depends positively on every pixel of its receptive field."""
     probe = copy.deepcopy(model).eval()
     for name, module in list(probe.named_modules()):
-        with torch.no_grad():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
+        replacement: nn.Module | None = None
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            with torch.no_grad():
                 module.weight.fill_(1.0 / module.weight[0].numel())  # keeps activations near 1
                 if module.bias is not None:
                     module.bias.zero_()
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_parameters()  # mean 0, var 1, weight 1, bias 0: identity up to eps
-        if isinstance(module, nn.MaxPool2d):  # max-pool gradients pick one input; average-pool keeps all
+        elif isinstance(module, _NORMS):  # would rescale (or, on a constant input, zero) activations
+            replacement = nn.Identity()
+        elif isinstance(module, nn.MaxPool2d):  # max-pool gradients pick one input; average-pool keeps all
             if _pair(module.dilation) != (1, 1):
                 raise RfatlasError(f"empirical_rf does not support the dilated max-pool {name!r}")
+            replacement = nn.AvgPool2d(
+                module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode
+            )
+        if replacement is not None:
             parent, _, child = name.rpartition(".")
-            pool = nn.AvgPool2d(module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode)
-            setattr(probe.get_submodule(parent), child, pool)
+            setattr(probe.get_submodule(parent), child, replacement)
     return probe.requires_grad_(False)
 
 
-def _empirical_support(
-    model: nn.Module, layer: str, input_size: int | None = None, position: tuple[int, int] | None = None
+def _support(
+    probe: nn.Module, layer: str, size: int, position: tuple[int, int] | None = None
 ) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1): the half-open extent of input pixels a unit's gradient reaches."""
-    size = default_input_size(model, input_size)
-    probe = _positive_probe(model)
+    """(y0, y1, x0, x1): the half-open extent of input pixels a probe unit's gradient reaches."""
     x = dummy_input(probe, size, fill=1.0).requires_grad_(True)
     with torch.enable_grad(), capture(probe, [layer], stop_early=True) as cap:
         out = cap.run(x)[layer]
@@ -324,10 +329,11 @@ def empirical_rf(
     """(h, w) of the input pixels on which the unit at `position` (default: map centre) depends.
 
     Measured as the support of d(unit)/d(input) on a copy of the model with positive constant weights,
-    zero biases, identity BatchNorm and max-pools turned into average-pools, fed all ones; so every
+    zero biases, no normalization layers and average- instead of max-pools, fed all ones; so every
     pixel of the (image-clipped) receptive field gets a nonzero gradient.
     """
-    y0, y1, x0, x1 = _empirical_support(model, layer, input_size, position)
+    size = default_input_size(model, input_size)
+    y0, y1, x0, x1 = _support(_positive_probe(model), layer, size, position)
     return (y1 - y0, x1 - x0)
 
 

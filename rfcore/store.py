@@ -38,7 +38,6 @@ from rfcore.errors import (
     UnknownLayerError,
 )
 from rfcore.schema import (
-    PARTIAL_ARRAYS,
     SCHEMA_VERSION,
     SWEEP_ARRAYS,
     ArraySpec,
@@ -135,6 +134,16 @@ class _Objects:
             else:
                 (self._local / key).unlink()
 
+    def is_empty(self) -> bool:
+        """Whether nothing exists at the root."""
+        if self._local is not None:
+            return not self._local.is_dir() or not any(self._local.iterdir())
+        self._fs.invalidate_cache()
+        try:
+            return not self._fs.ls(self._root, detail=False)
+        except FileNotFoundError:
+            return True
+
     def keys(self, prefix: str = "") -> list[str]:
         """Every object key under the directory `prefix` ("" = all), hidden temp files excluded."""
         if self._local is None:
@@ -172,9 +181,18 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _root_meta(objects: _Objects, url: str) -> bytes | None:
+    """The root `zarr.json` (None if absent); StoreError if the store cannot be reached."""
+    try:
+        return objects.get("zarr.json")
+    except Exception as exc:  # botocore/aiohttp/OS errors: report them as one line
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise StoreError(f"cannot read store {redact(url)}: {type(exc).__name__}: {detail}") from None
+
+
 def _root_attrs(objects: _Objects, url: str) -> dict[str, Any]:
     """Root attrs of an existing atlas; StoreError if absent, not an atlas, or another version."""
-    raw = objects.get("zarr.json")
+    raw = _root_meta(objects, url)
     if raw is None:
         raise StoreError(f"no atlas at {redact(url)}")
     try:
@@ -250,33 +268,43 @@ class AtlasStore:
             shard_size=shard_size, k=k, layers=list(run_dict["config"].get("layers", layers))
         )
         run_dict["num_images"] = num_images
+        if list(run_dict["config"]["layers"]) != list(layers):
+            raise ValueError(f"run config layers {run_dict['config']['layers']} differ from the layers given")
         ident = RunAttrs.from_dict(run_dict).identity()
 
         options = _options(url, storage_options)
         objects = _Objects(url, options)
         if _is_local(url) and _local_path(url).exists() and not _local_path(url).is_dir():
             raise StoreError(f"{redact(url)} is a file, not an atlas; use another --out")
-        if objects.get("zarr.json") is not None:
+        if _root_meta(objects, url) is not None:
             old = RunAttrs.from_dict(_root_attrs(objects, url)["run"]).identity()
             if old != ident:
                 raise ConfigMismatchError(_mismatch_message(url, old, ident))
         else:
-            if objects.keys():
-                raise StoreError(f"{redact(url)} exists and is not an rfatlas atlas; use another --out")
-            root = zarr.open_group(
-                _zarr_store(url, options, read_only=False),
-                mode="w-",
-                attributes={
-                    "rfatlas": {"schema_version": SCHEMA_VERSION, "version": __version__},
-                    "run": run_dict,
-                    "skipped": [],
-                },
-            )
-            root.create_group(_STATE, attributes={"doc": "rfatlas internal state: completion markers, lease"})
-            root.create_group("layers", attributes={"order": list(layers)})
+            try:
+                if not objects.is_empty():
+                    raise StoreError(f"{redact(url)} exists and is not an rfatlas atlas; use another --out")
+                zarr.open_group(
+                    _zarr_store(url, options, read_only=False),
+                    mode="w-",
+                    attributes={
+                        "rfatlas": {"schema_version": SCHEMA_VERSION, "version": __version__},
+                        "run": run_dict,
+                        "skipped": [],
+                    },
+                    zarr_format=3,
+                )
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create an atlas at {redact(url)}: {type(exc).__name__}: {exc}"
+                ) from None
         store = cls(url, options, read_only=False)
-        layers_group = store.root["layers"]
-        assert isinstance(layers_group, zarr.Group)
+        root = store.root
+        if _STATE not in root:  # also completes a create() that died half-way
+            root.create_group(_STATE, attributes={"doc": "rfatlas internal state: completion markers, lease"})
+        if "layers" not in root:
+            root.create_group("layers", attributes={"order": list(layers)})
+        layers_group = zarr.open_group(store._store, path="layers", mode="r+", zarr_format=3)
         for name, la in layers.items():
             if name not in layers_group:
                 layers_group.create_group(name, attributes={**la.to_dict(), "complete": False})
@@ -315,8 +343,13 @@ class AtlasStore:
     def layer_group(self, layer: str) -> zarr.Group:
         """The group `layers/<layer>` (fresh metadata); UnknownLayerError-like StoreError if absent."""
         self._check_layer(layer)
-        mode = "r" if self._read_only else "r+"
-        return zarr.open_group(self._store, path=f"layers/{layer}", mode=mode, zarr_format=3)
+        return zarr.open_group(
+            self._store, path=f"layers/{layer}", mode="r" if self._read_only else "r+", zarr_format=3
+        )
+
+    def _writable(self) -> None:
+        if self._read_only:
+            raise StoreError(f"atlas {redact(self.url)} was opened read-only")
 
     def _array_path(self, spec: ArraySpec, layer: str | None, placeholders: dict[str, str]) -> str:
         if spec.scope == "layer":
@@ -369,6 +402,7 @@ class AtlasStore:
 
     def remove(self, path: str, *, layer: str | None = None) -> None:
         """Delete an array or group (e.g. `remove("partial", layer=name)`); absent is fine."""
+        self._writable()
         full = f"layers/{layer}/{path}" if layer is not None else path
         if layer is not None:
             self._check_layer(layer)
@@ -378,11 +412,13 @@ class AtlasStore:
     # --- attrs --------------------------------------------------------------------------------
     def set_layer_attrs(self, layer: str, **attrs: Any) -> None:
         """Update attrs of `layers/<layer>` (e.g. `complete=True`)."""
+        self._writable()
         self.layer_group(layer).attrs.update(json.loads(json.dumps(attrs)))
 
     def add_skipped(self, skipped: Sequence[SkippedLike]) -> None:
         """Record skipped images in root attrs (dedup by index, sorted). Read-modify-write of the
         root attrs: call it from one writer at a time (e.g. the flow or the merge step)."""
+        self._writable()
         if not skipped:
             return
         root = zarr.open_group(self._store, mode="r+", zarr_format=3)
@@ -394,6 +430,7 @@ class AtlasStore:
     # --- completion markers -------------------------------------------------------------------
     def mark_done(self, key: str) -> None:
         """Write the completion marker `key` (call after the data is written)."""
+        self._writable()
         body = json.dumps({"key": _check_key(key), "time": _iso(time.time())}).encode()
         self._objects.put(f"{_DONE}/{key}", body)
 
@@ -441,10 +478,12 @@ class AtlasStore:
         """
         if ttl_s <= 0:
             raise ValueError("lease ttl_s must be positive")
+        self._writable()
         token = uuid.uuid4().hex
         self._check_lease(token)
         self._write_lease(owner, token, ttl_s)
-        self._check_lease(token)  # a concurrent taker may have written just after us
+        time.sleep(min(0.25, ttl_s / 10))  # let a concurrent taker's write land, then re-check
+        self._check_lease(token)
         stop = threading.Event()
 
         def heartbeat() -> None:
@@ -530,18 +569,39 @@ class AtlasLayer:
         """Per-channel summaries: max, mean, zero_fraction, positive_count."""
         return {p: self.array(p) for p in ("max", "mean", "zero_fraction", "positive_count")}
 
+    def dim_sizes(self) -> dict[str, int]:
+        """Size of each sweep dimension (image, channel, k, color, py, px, shard) in this layer."""
+        run, attrs = self._store.run, self.attrs
+        return {
+            "image": int(run["num_images"]),
+            "channel": int(attrs["channels"]),
+            "k": int(run["config"]["k"]),
+            "color": 3,
+            "py": int(attrs["patch"]["size"]),
+            "px": int(attrs["patch"]["size"]),
+            "shard": self._store.num_shards,
+        }
+
     def to_xarray(self) -> xr.Dataset:
-        """Every array of the layer as a lazy Dataset; variables are named by path (e.g. "topk/value")."""
+        """Every array of the layer as a lazy Dataset; variables are named by path (e.g. "topk/value").
+
+        A dim whose size clashes with the sweep's (`dim_sizes`, e.g. an analysis's `channel` subset)
+        is renamed `<group>/<dim>` (`<array>/<dim>` for arrays directly in the layer group).
+        """
         import xarray as xr
 
         base = f"layers/{self.name}"
         parents = {""} | {p.rpartition("/")[0] for p, n in self.group.members(max_depth=None)}
+        sizes = self.dim_sizes()
         variables: dict[str, Any] = {}
-        for parent in sorted(parents):
+        for parent in sorted(parents, key=lambda p: (p not in ("", "topk"), p)):
             group = f"{base}/{parent}" if parent else base
             ds = xr.open_zarr(self._store._store, group=group, consolidated=False, chunks=None)
             for var_name, var in ds.data_vars.items():
-                variables[f"{parent}/{var_name}" if parent else str(var_name)] = var.variable
+                name = f"{parent}/{var_name}" if parent else str(var_name)
+                scope = parent or name
+                clash = {d: f"{scope}/{d}" for d, n in var.sizes.items() if sizes.setdefault(str(d), n) != n}
+                variables[name] = (var.rename(clash) if clash else var).variable
         return xr.Dataset(variables, attrs=self.attrs)
 
 
@@ -573,19 +633,6 @@ def open_atlas(url: str, *, storage_options: Mapping[str, Any] | None = None) ->
     return Atlas(AtlasStore.open(url, "r", storage_options=storage_options))
 
 
-def _sizes(atlas: Atlas, attrs: Mapping[str, Any]) -> dict[str, int]:
-    cfg = atlas.run["config"]
-    return {
-        "image": int(atlas.run["num_images"]),
-        "channel": int(attrs["channels"]),
-        "k": int(cfg["k"]),
-        "color": 3,
-        "py": int(attrs["patch"]["size"]),
-        "px": int(attrs["patch"]["size"]),
-        "shard": atlas.store.num_shards,
-    }
-
-
 def describe_store(url: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
     """Human summary of an atlas (what `rfatlas ls` prints)."""
     atlas = open_atlas(url, storage_options=storage_options)
@@ -598,15 +645,18 @@ def describe_store(url: str, *, storage_options: Mapping[str, Any] | None = None
         f"{run['num_images']} images at {run['image_size']} px, k {cfg.get('k')}, "
         f"shard size {cfg.get('shard_size')}, sweep shards done {done}/{n_shards}, "
         f"{len(atlas.skipped)} skipped images",
-        f"{'layer':<20} {'kind':<6} {'channels':>8} {'shape':>9} {'rf':>8} {'stride':>6}  complete",
     ]
+    width = max([5, *(len(n) for n in atlas.layers)])
+    lines.append(
+        f"{'layer':<{width}} {'kind':<6} {'channels':>8} {'shape':>9} {'rf':>8} {'stride':>6}  complete"
+    )
     for name in atlas.layers:
         a = atlas.layer(name).attrs
         shape = "x".join(str(s) for s in a["shape"])
         rf = "x".join(str(s) for s in a["rf"]["size"])
         stride = "x".join(str(s) for s in a["rf"]["stride"])
         lines.append(
-            f"{name:<20} {a['kind']:<6} {a['channels']:>8} {shape:>9} {rf:>8} {stride:>6}  "
+            f"{name:<{width}} {a['kind']:<6} {a['channels']:>8} {shape:>9} {rf:>8} {stride:>6}  "
             f"{'yes' if a.get('complete') else 'no'}"
         )
     return "\n".join(lines)
@@ -623,18 +673,20 @@ def verify_store(url: str, *, storage_options: Mapping[str, Any] | None = None) 
         {sweep_shard_key(i) for i in range(atlas.store.num_shards)} - atlas.store.done_keys("sweep")
     )
     if missing:
-        problems.append(f"{len(missing)} sweep shard(s) not done: {', '.join(missing[:5])}")
+        more = ", ..." if len(missing) > 5 else ""
+        problems.append(f"{len(missing)} sweep shard(s) not done: {', '.join(missing[:5])}{more}")
     for name in atlas.layers:
         layer = atlas.layer(name)
         attrs = layer.attrs
         if not attrs.get("complete"):
             problems.append(f"layer {name}: not complete")
-        sizes = _sizes(atlas, attrs)
+        sizes = layer.dim_sizes()
+        absent = []
         for spec in SWEEP_ARRAYS:
             try:
                 node = layer.group[spec.path]
             except KeyError:
-                problems.append(f"layer {name}: missing array {spec.path}")
+                absent.append(spec.path)
                 continue
             if not isinstance(node, zarr.Array):
                 problems.append(f"layer {name}: {spec.path} is not an array")
@@ -646,6 +698,8 @@ def verify_store(url: str, *, storage_options: Mapping[str, Any] | None = None) 
                     f"layer {name}: {spec.path} is {node.shape} {node.dtype} {dims}, "
                     f"expected {want} {spec.dtype} {spec.dims}"
                 )
-        if attrs.get("complete") and PARTIAL_ARRAYS[0].path.split("/")[0] in layer.group:
+        if absent:
+            problems.append(f"layer {name}: missing array(s) {', '.join(absent)}")
+        if attrs.get("complete") and "partial" in layer.group:
             problems.append(f"layer {name}: complete but partial/ state was not removed")
     return problems

@@ -173,10 +173,20 @@ class LayerReducer:
     """Streaming reducer of one layer (see the module docstring). State lives on `device`."""
 
     def __init__(
-        self, channels: int, geometry: PatchGeometry, *, k: int = 16, device: str | torch.device = "cpu"
+        self,
+        channels: int,
+        geometry: PatchGeometry,
+        *,
+        k: int = 16,
+        device: str | torch.device = "cpu",
+        gather: str = "auto",
     ) -> None:
+        """`gather` picks the patch gather: "auto" (by cost), "rows" or "windows" (same results)."""
         if k < 1:
             raise RfatlasError(f"k must be >= 1, got {k}")
+        if gather not in ("auto", "rows", "windows"):
+            raise ValueError(f"gather must be auto, rows or windows, not {gather!r}")
+        self.gather = gather
         dev = torch.device(device)
         p = geometry.size
         self.channels, self.geometry, self.k, self.device = channels, geometry, k, dev
@@ -198,7 +208,7 @@ class LayerReducer:
         images: Tensor,
         indices: Tensor,
         *,
-        pooled: dict[tuple[int, int, int], Tensor] | None = None,
+        pooled: dict[tuple[int, int, int, bool], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Feed one batch: `acts` (B,C,H,W), uint8 `images` (B,3,S,S), increasing dataset `indices`
         (B,). `pooled` caches pooled images across the layers of one batch. Returns the per-image
@@ -243,38 +253,64 @@ class LayerReducer:
         positive: Tensor,
         arg: Tensor,
         grid: tuple[int, int],
-        pooled: dict[tuple[int, int, int], Tensor],
+        pooled: dict[tuple[int, int, int, bool], Tensor],
     ) -> None:
+        """Add the patch of every (image, channel) with a positive max to `stimulus_sum`.
+
+        Two exact gathers, picked by cost: "rows" cuts every patch row of every unit position once
+        (`unfold` along x, B*3*rows*W*ew values) and sums each channel's rows over the batch with
+        `embedding_bag` (float32, exact for integers below 2**24); "windows" gathers the (C,B)
+        windows directly (int32) and sums them; it wins when feature maps are large and channels few.
+        """
         plan = self._plans.get(grid)
         if plan is None:
             plan = self._plans[grid] = _plan(self.geometry, grid)
         eh, ew = plan.extent
-        if eh == 0 or ew == 0:
-            return  # every patch lies entirely outside the image
-        geo = self.geometry
+        if eh == 0 or ew == 0 or not bool(positive.any()):
+            return  # every patch lies entirely outside the image, or nothing is positive
+        geo, c = self.geometry, self.channels
         f = geo.factor
-        dtype = torch.int32 if images.shape[0] * 255 * f * f < 2**31 else torch.int64
-        key = (f, *geo.phase)
-        img = pooled.get(key)
-        if img is None or img.dtype != dtype:
-            img = pooled[key] = pool_images(images, f, geo.phase, dtype)
-        if any(plan.pad):
-            img = F.pad(img, plan.pad)
         h, w = grid
         (sy, sx), (ty, tx) = plan.start, plan.step
-        img = img[:, :, sy : sy + (h - 1) * ty + eh, sx : sx + (w - 1) * tx + ew]
-        win = img.unfold(2, eh, ty).unfold(3, ew, tx).permute(0, 2, 3, 1, 4, 5)  # (B,H,W,3,eh,ew)
-        ch, bi = positive.t().nonzero(as_tuple=True)  # channel-major pairs (c, b) with max > 0
-        if ch.numel() == 0:
-            return
-        flat = arg[bi, ch]
-        yi, xi = flat // w, flat % w
-        acc = torch.zeros((self.channels, 3, eh, ew), dtype=dtype, device=self.device)
-        step = max(1, _GATHER_BUDGET // (3 * eh * ew))
-        for i in range(0, ch.numel(), step):
-            j = slice(i, i + step)
-            acc.index_add_(0, ch[j], win[bi[j], yi[j], xi[j]])
-        (ly, lx) = plan.lo
+        rows, cols = (h - 1) * ty + eh, (w - 1) * tx + ew
+        use_rows = rows * w <= c * eh if self.gather == "auto" else self.gather == "rows"
+        key = (f, *geo.phase, use_rows)
+        img = pooled.get(key)
+        if img is None:
+            img = pooled[key] = pool_images(images, f, geo.phase, torch.float32 if use_rows else torch.int32)
+        if any(plan.pad):
+            img = F.pad(img, plan.pad)
+        img = img[:, :, sy : sy + rows, sx : sx + cols]
+        y, x = (arg // w).t(), (arg % w).t()  # (C,B)
+        acc = torch.zeros((c, 3, eh, ew), dtype=torch.int64, device=self.device)
+        b = images.shape[0]
+        if use_rows:
+            per_image = max(3 * rows * w * ew, c * 3 * eh)
+            chunk = max(1, min((2**24 - 1) // (255 * f * f), _GATHER_BUDGET // per_image))
+            offs = (torch.arange(3, device=self.device) * rows).view(3, 1) + torch.arange(
+                eh, device=self.device
+            )
+            offs = (offs * w).view(1, 3 * eh, 1)
+            for b0 in range(0, b, chunk):
+                n = min(chunk, b - b0)
+                table = img[b0 : b0 + n].unfold(3, ew, tx).reshape(-1, ew)
+                table = torch.cat([table, table.new_zeros(1, ew)])
+                local = torch.arange(n, device=self.device).view(1, n)
+                base = (local * 3 * rows + y[:, b0 : b0 + n] * ty) * w + x[:, b0 : b0 + n]
+                idx = base.view(c, 1, n) + offs
+                idx = torch.where(positive[b0 : b0 + n].t().view(c, 1, n), idx, table.shape[0] - 1)
+                part = F.embedding_bag(idx.reshape(c * 3 * eh, n), table, mode="sum")
+                acc += part.view(c, 3, eh, ew).to(torch.int64)
+        else:
+            chunk = max(1, _GATHER_BUDGET // (c * 3 * eh * ew))
+            for b0 in range(0, b, chunk):
+                n = min(chunk, b - b0)
+                sub = torch.cat([img[b0 : b0 + n], img.new_zeros(1, *img.shape[1:])])
+                win = sub.unfold(2, eh, ty).unfold(3, ew, tx).permute(0, 2, 3, 1, 4, 5)  # (n+1,H,W,3,eh,ew)
+                local = torch.arange(n, device=self.device).view(1, n)
+                sel = torch.where(positive[b0 : b0 + n].t(), local, n)  # non-positive -> the zero image
+                acc += win[sel, y[:, b0 : b0 + n], x[:, b0 : b0 + n]].sum(dim=1, dtype=torch.int32)
+        ly, lx = plan.lo
         self.stimulus_sum[:, :, ly : ly + eh, lx : lx + ew] += acc
 
     def merge(self, other: LayerReducer) -> None:
@@ -464,7 +500,7 @@ class SweepRunner:
         with torch.inference_mode(), capture(self.model, list(self.reducers), stop_early=True) as cap:
             with amp_context(self.device, self.amp):
                 outputs = cap.run(self.preprocessing.normalize(images))
-            pooled: dict[tuple[int, int, int], Tensor] = {}
+            pooled: dict[tuple[int, int, int, bool], Tensor] = {}
             maxima = {
                 n: r.add(outputs[n], images, indices, pooled=pooled)[0] for n, r in self.reducers.items()
             }

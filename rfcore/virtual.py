@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from rfcore.errors import UnknownLayerError
+from rfcore.schema import spec
+from rfcore.store import AtlasStore
 
 
 @dataclass(frozen=True)
@@ -95,3 +97,13 @@ def virtual_filter(model: nn.Module, layer: str, source: str | None = None) -> V
         )
     values, index = coupling(w2).sort(dim=1, descending=True, stable=True)
     return VirtualFilter(layer=layer, source=src, weight=compose(w2, w1), coupling=values, coupling_index=index)
+
+
+def write_virtual(store: AtlasStore, vf: VirtualFilter) -> None:
+    """Write `layers/<layer>/virtual_filter` and the sorted coupling weights; attrs name the source conv."""
+    arrays = {"virtual_filter": vf.weight, "virtual_coupling": vf.coupling, "virtual_coupling_index": vf.coupling_index}
+    for name, data in arrays.items():
+        shape = tuple(data.shape)
+        arr = store.require_array(spec(f"layers/{{layer}}/{name}"), shape, shape, layer=vf.layer)
+        arr[...] = data.numpy()
+        arr.attrs.update({"layer": vf.layer, "source": vf.source})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -10,11 +11,14 @@ from torch import nn
 from rfcore.data import ImageDataset, open_dataset
 from rfcore.models import get_model, select_device
 
+#: Environment variable the Dask cluster sets on its workers: torch intra-op threads per task.
+THREADS_ENV = "RFATLAS_TORCH_THREADS"
+
 
 @lru_cache(maxsize=4)
-def cached_model(name: str, weights: str | None, device: str) -> nn.Module:
+def cached_model(name: str, weights: str | None, device: str, seed: int = 0) -> nn.Module:
     """The model in eval mode on its device; shared by every task on this worker."""
-    model = get_model(name, weights=weights)
+    model = get_model(name, weights=weights, seed=seed)
     return model.to(select_device(device))
 
 
@@ -25,5 +29,20 @@ def cached_dataset(spec: str, size: int, resize: int | None) -> ImageDataset:
 
 def configure_threads(threads: int | None) -> None:
     """Cap torch's intra-op threads so Dask worker processes do not oversubscribe the cores."""
-    if threads:
+    if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def configure_threads_from_env() -> int:
+    """Apply `RFATLAS_TORCH_THREADS` (set by `flows.runner` on the workers it starts); returns the
+    number of torch threads in use. Outside such a worker this leaves torch alone."""
+    value = os.environ.get(THREADS_ENV, "")
+    if value.isdigit() and int(value) > 0:
+        configure_threads(int(value))
+    return torch.get_num_threads()
+
+
+def clear_caches() -> None:
+    """Forget cached models and datasets (tests; a worker that must reload a checkpoint)."""
+    cached_model.cache_clear()
+    cached_dataset.cache_clear()

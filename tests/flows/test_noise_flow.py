@@ -5,19 +5,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.noise import compare, inactive_analysis, noise_analysis, register_cli
-from rfcore.data import iter_batches, open_dataset
 from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError
-from rfcore.inactive import channel_max
+from rfcore.inactive import read_inactive
 from rfcore.models import get_model, save_checkpoint
 from rfcore.noise import CONDITIONS, NOISE_FIELDS, shard_key
-from rfcore.schema import LayerAttrs, RunAttrs, spec
+from rfcore.pipeline import run_sweep
 from rfcore.store import AtlasStore
 from tasks.noise import noise_shard_task
 
@@ -36,54 +37,34 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """resnet10t with conv1 channels DEAD forced off (zero weights, negative BN bias before the ReLU)."""
     model = get_model("resnet10t", seed=3)
     with torch.no_grad():
-        model.conv1.weight[DEAD] = 0.0
-        model.bn1.bias[DEAD] = -0.5
+        cast(torch.nn.Conv2d, model.conv1).weight[DEAD] = 0.0
+        cast(torch.nn.BatchNorm2d, model.bn1).bias[DEAD] = -0.5
     path = str(tmp_path_factory.mktemp("ckpt") / "dead.pt")
     save_checkpoint(model, path, config={}, metrics={})
     return path
 
 
 def make_store(url: str, weights: str | None, shard_size: int, model_name: str = "resnet10t") -> str:
-    """A swept-looking atlas of `maxpool` (the sweep's per-channel max is measured here directly)."""
-    run = RunAttrs(
-        model=model_name,
-        weights=weights,
-        dataset=f"synthetic:{N}",
-        num_images=N,
-        image_size=64,
-        preprocessing={"size": 64, "resize": 64},
-        config={
-            "k": 2,
-            "patch_max": 16,
-            "shard_size": shard_size,
-            "batch_size": BATCH,
-            "layers": ["maxpool"],
-            "seed": 0,
-        },
-    )
-    rf = {"size": [11, 11], "stride": [4, 4], "offset": [0.0, 0.0]}
-    layers = {"maxpool": LayerAttrs("pool", 16, (16, 16), rf, {"factor": 1.0, "size": 11})}
-    store = AtlasStore.create(url, run=run, layers=layers, num_images=N, shard_size=shard_size, k=2)
-    model = get_model(model_name, weights=weights)
-    ds = open_dataset(run.dataset, size=64)
-    mx = channel_max(
-        model,
-        "maxpool",
-        iter_batches(ds, range(N), BATCH),
-        normalize=model.rfatlas_meta.preprocessing.normalize,
-    )
-    store.require_array(spec("max"), (16,), (16,), layer="maxpool")[:] = mx
+    """A real sweep of `maxpool` and `layer1.0` on synthetic images."""
+    run_sweep(
+        url, model_name=model_name, weights=weights, data_spec=f"synthetic:{N}", layers=["maxpool", "layer1.0"],
+        k=2, patch_max=16, shard_size=shard_size, batch_size=BATCH, device="cpu", progress=False,
+    )  # fmt: skip
     return url
 
 
 def per_image(url: str, cond: str) -> dict[str, np.ndarray]:
     root = AtlasStore.open(url, "r").root
-    return {f: np.asarray(root[f"noise/maxpool/{cond}/{f}"][...]) for f in NOISE_FIELDS}
+    arrays = {f: root[f"noise/maxpool/{cond}/{f}"] for f in NOISE_FIELDS}
+    return {f: np.asarray(a[...]) for f, a in arrays.items() if isinstance(a, zarr.Array)}
 
 
 def test_inactive_then_noise_flow_detects_stores_and_resumes(tmp_path: Path, checkpoint: str) -> None:
     url = make_store(str(tmp_path / "a.zarr"), checkpoint, shard_size=16)
-    assert inactive_analysis(url)["inactive"] == DEAD
+    assert inactive_analysis(url) == {"threshold": 0.0, "inactive": {"maxpool": DEAD}}
+    assert list(inactive_analysis(url, layer="all")["inactive"]) == ["maxpool", "layer1.0"]
+    got, attrs = read_inactive(AtlasStore.open(url, "r"), "maxpool")
+    assert np.flatnonzero(got).tolist() == DEAD and attrs == {"threshold": 0.0, "num_images": N, "count": 3}
     summary = noise_analysis(url, device="cpu")
     assert summary["num_inactive"] == 3 and summary["inactive"] == DEAD and summary["layer"] == "maxpool"
     conds = summary["conditions"]
@@ -99,7 +80,7 @@ def test_inactive_then_noise_flow_detects_stores_and_resumes(tmp_path: Path, che
     before = per_image(url, "all")
     assert noise_analysis(url, device="cpu") == summary
     assert per_image(url, "all")["loss"].tobytes() == before["loss"].tobytes()
-    with pytest.raises(ConfigMismatchError, match="sigma 1.0 -> 2.0"):
+    with pytest.raises(ConfigMismatchError, match=r"sigma 1\.0 -> 2\.0"):
         noise_analysis(url, sigma=2.0, device="cpu")
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from rfcore.actmax import ActmaxConfig, ActmaxError, actmax, parse_channels, preset
 from rfcore.data import open_dataset
+from rfcore.layers import capture
 from rfcore.models import get_model
 
 SIZE = 64
@@ -84,8 +85,9 @@ def test_batched_and_single_channel_runs_agree(name: str, objective: str) -> Non
     assert batch.image.shape == (4, 3, SIZE, SIZE) and batch.trace.shape == (4, 6)
     again = actmax(model, "layer2.0", channels, objective=objective, config=cfg, seed=7)
     assert torch.equal(again.image, batch.image)
-    other = actmax(model, "layer2.0", channels, objective=objective, config=cfg, seed=8)
-    assert not torch.equal(other.image, batch.image) or name == "kobayashi2020"
+    if name == "lucid":  # random init and transforms: another seed gives other images
+        other = actmax(model, "layer2.0", channels, objective=objective, config=cfg, seed=8)
+        assert not torch.equal(other.image, batch.image)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def trained_model() -> nn.Module:
 
 @pytest.mark.parametrize("objective", ["neuron", "channel"])
 def test_paper_preset_beats_zero_and_100_random_images(trained_model: nn.Module, objective: str) -> None:
-    layer, channels = "layer2.0", list(range(0, 32, 4))
+    layer, channels = "layer2.0.conv2", list(range(0, 32, 4))
     res = actmax(trained_model, layer, channels, objective=objective, config=preset("kobayashi2020"))
     assert preset("kobayashi2020", size=None).size is None  # the model's own size (64 here)
     assert res.image.shape[-1] == SIZE
@@ -117,10 +119,8 @@ def test_paper_preset_beats_zero_and_100_random_images(trained_model: nn.Module,
     pre = trained_model.rfatlas_meta.preprocessing
     images = pre.normalize(torch.from_numpy(np.stack([ds.get(i)[0] for i in range(100)])))
     probe = torch.cat([torch.zeros(1, 3, SIZE, SIZE), images])
-    with torch.no_grad():
-        maps = trained_model.layer2[0](
-            trained_model.layer1(trained_model.maxpool(trained_model.relu(trained_model.bn1(trained_model.conv1(probe)))))
-        )[:, channels]
+    with torch.no_grad(), capture(trained_model, [layer]) as cap:
+        maps = cap.run(probe)[layer][:, channels]
     h, w = maps.shape[-2:]
     baseline = maps[:, :, h // 2, w // 2] if objective == "neuron" else maps.mean(dim=(2, 3))
     assert torch.all(res.activation > baseline.max(dim=0).values)

@@ -175,6 +175,8 @@ def folder(tmp_path: Path) -> Path:
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     (root / "b_dogs" / "d1x.jpg").write_text("not an image")
     (root / "b_dogs" / "readme.txt").write_text("ignored")
+    _write_jpeg(root / ".thumbs" / "t.jpg", (0, 0, 0))  # hidden: ignored
+    _write_jpeg(root / "top.jpg", (0, 0, 0))  # beside class folders: ignored
     return root
 
 
@@ -344,7 +346,7 @@ def _all_items(ds: ImageDataset) -> list[tuple[bytes, int] | str]:
 def test_ingest_round_trip_local_with_bad_files(folder: Path, tmp_path: Path) -> None:
     spec = f"imagefolder:{folder}"
     url = str(tmp_path / "images.zarr")
-    result = ingest(spec, url, size=32, resize=40, progress=False)
+    result = ingest(spec, url, size=32, resize=40, progress=False, num_workers=2)
     assert result.num_images == 8 and [s.index for s in result.skipped] == [2, 6]
     source = open_dataset(spec, size=32, resize=40)
     stored = open_dataset(f"zarr:{url}", size=32, resize=40)
@@ -354,8 +356,9 @@ def test_ingest_round_trip_local_with_bad_files(folder: Path, tmp_path: Path) ->
     assert group["images"].metadata.dimension_names == ("image", "color", "y", "x")
     assert group["labels"][2] == -1 and not group["valid"][2] and not group["images"][2].any()
     assert [s["index"] for s in group.attrs["skipped"]] == [2, 6]
-    batches = list(iter_batches(stored, range(8), 3))
+    batches = list(iter_batches(stored, range(8), 3, num_workers=2))
     assert [[s.index for s in b.skipped] for b in batches] == [[2], [], [6]]
+    assert [Path(s.path).name for b in batches for s in b.skipped] == ["c1x.jpg", "d1x.jpg"]
     with pytest.raises(DataError, match=r"size 32 .*ingest again"):
         open_dataset(f"zarr:{url}", size=64)
     with pytest.raises(DataError, match="resize 40"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import cast
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from rfcore.inactive import (
     read_inactive,
     write_inactive,
 )
-from rfcore.models import get_model
+from rfcore.models import get_model, model_meta
 from rfcore.schema import LayerAttrs, RunAttrs, spec
 from rfcore.store import AtlasStore
 
@@ -30,8 +31,8 @@ def forced_dead_resnet10t() -> nn.Module:
     """resnet10t whose conv1 channels DEAD have zero weights and a negative (BN) bias before the ReLU."""
     model = get_model("resnet10t", seed=3)
     with torch.no_grad():
-        model.conv1.weight[DEAD] = 0.0
-        model.bn1.bias[DEAD] = -0.5
+        cast(nn.Conv2d, model.conv1).weight[DEAD] = 0.0
+        cast(nn.BatchNorm2d, model.bn1).bias[DEAD] = -0.5
     return model
 
 
@@ -50,7 +51,7 @@ def test_forced_dead_channels_are_detected_exactly() -> None:
         model,
         "maxpool",
         iter_batches(ds, range(48), 16),
-        normalize=model.rfatlas_meta.preprocessing.normalize,
+        normalize=model_meta(model).preprocessing.normalize,
     )
     assert mx.shape == (16,)
     assert np.flatnonzero(detect_inactive(mx)).tolist() == DEAD

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -50,7 +51,8 @@ def make_net(*, downstream: str = "wired") -> nn.Sequential:
         nn.Linear(6, 4),
     )
     with torch.no_grad():
-        conv1, conv2, fc = net[0], net[3], net[7]
+        conv1, conv2 = cast(nn.Conv2d, net[0]), cast(nn.Conv2d, net[3])
+        fc = cast(nn.Linear, net[7])
         conv1.bias.fill_(0.2)
         conv1.weight[list(DEAD)] = 0.0
         conv1.bias[list(DEAD)] = -1.0
@@ -87,7 +89,7 @@ def dead_mask() -> np.ndarray:
     return m
 
 
-def run(net: nn.Module, cond: str, bs: int = 8, idx: range = range(48), **kw: object) -> PerImage:
+def run(net: nn.Module, cond: str, bs: int = 8, idx: range = range(48), **kw: Any) -> PerImage:
     images, labels = data()
     return evaluate(
         net,
@@ -97,11 +99,11 @@ def run(net: nn.Module, cond: str, bs: int = 8, idx: range = range(48), **kw: ob
         inactive=dead_mask(),
         normalize=normalize,
         block_size=bs,
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 
-def all_conditions(net: nn.Module, **kw: object) -> dict[str, PerImage]:
+def all_conditions(net: nn.Module, **kw: Any) -> dict[str, PerImage]:
     return {c: run(net, c, **kw) for c in CONDITIONS}
 
 
@@ -146,8 +148,9 @@ def test_unknown_condition_is_a_one_line_error() -> None:
 def test_injector_noises_exactly_the_chosen_channels() -> None:
     inj = NoiseInjector("all", dead_mask(), sigma=1.0, seed=0, block_size=4)
     out = torch.zeros(4, CHANNELS, 5, 5)
-    inj.set_batch(torch.arange(4))
+    inj.set_batch(torch.arange(4), torch.device("cpu"))
     noisy = inj(nn.Identity(), (), out)
+    assert noisy is not None
     touched = (noisy != 0).flatten(2).any(dim=2).any(dim=0)
     assert touched.tolist() == dead_mask().tolist()
     assert bool((noisy >= 0).all())
@@ -232,3 +235,16 @@ def test_summary_pairs_only_valid_images() -> None:
     )
     assert s["baseline"]["images"] == 2 and s["baseline"]["loss"] == 1.5 and s["baseline"]["top1"] == 0.5
     assert s["all"]["delta_loss"] == 0.75
+
+
+def test_injector_acts_only_in_its_own_thread() -> None:
+    import threading
+
+    inj = NoiseInjector("all", dead_mask(), sigma=1.0, seed=0, block_size=4)
+    inj.set_batch(torch.arange(4), torch.device("cpu"))
+    out = torch.zeros(4, CHANNELS, 5, 5)
+    seen: list[object] = []
+    t = threading.Thread(target=lambda: seen.append(inj(nn.Identity(), (), out)))
+    t.start()
+    t.join()
+    assert seen == [None] and inj(nn.Identity(), (), out) is not None

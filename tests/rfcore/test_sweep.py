@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import rfcore.sweep as sweep_module
 from rfcore.sweep import (
     FIXED_POINT_BITS,
     LayerReducer,
@@ -136,8 +137,9 @@ def run_reducer(
     batch: int,
     geo: PatchGeometry,
     k: int,
+    gather: str = "auto",
 ) -> tuple[LayerReducer, np.ndarray, np.ndarray]:
-    red = LayerReducer(batches[0][layer].shape[1], geo, k=k)
+    red = LayerReducer(batches[0][layer].shape[1], geo, k=k, gather=gather)
     mxs, args = [], []
     for bi, out in enumerate(batches):
         idx = torch.arange(bi * batch, bi * batch + out[layer].shape[0])
@@ -171,14 +173,27 @@ def test_pool_images_sums_cells_exactly() -> None:
     np.testing.assert_array_equal(out.numpy(), ref)
 
 
-@pytest.mark.parametrize(("patch_max", "batch"), [(4, 8), (64, 16), (2, 7)])
+@pytest.mark.parametrize(
+    ("patch_max", "batch", "gather", "budget"),
+    [
+        (4, 8, "windows", None),
+        (64, 16, "rows", None),
+        (2, 7, "auto", None),
+        (4, 8, "rows", 1),
+        (4, 8, "windows", 1),
+    ],
+)
 @pytest.mark.parametrize("layer", ["a", "b", "c", "d"])
-def test_reducer_matches_numpy_reference(layer: str, patch_max: int, batch: int) -> None:
+def test_reducer_matches_numpy_reference(
+    layer: str, patch_max: int, batch: int, gather: str, budget: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if budget is not None:  # one image per gather chunk
+        monkeypatch.setattr(sweep_module, "_GATHER_BUDGET", budget)
     images = make_images()
     batches = forward_acts(images, batch)
     geo = patch_geometry(TINY_RF[layer], images.shape[-2:], patch_max)
     k = 5
-    red, mx, arg = run_reducer(layer, images, batches, batch, geo, k)
+    red, mx, arg = run_reducer(layer, images, batches, batch, geo, k, gather)
     acts = torch.cat([o[layer] for o in batches]).numpy()
     ref = reference(acts, images, geo, k)
     np.testing.assert_array_equal(mx, ref["spatial_max"])

@@ -1,0 +1,120 @@
+"""Activation-maximization throughput (channels/s), same preset and steps, measured in one run:
+
+  (a)  one channel per call through the full network, model parameters left trainable (Lucent's way:
+       `render_vis` runs `model(x)` and reads the layer from a hook, one objective per call);
+  (a') the same with the parameters frozen (isolates batching + truncation from weight gradients);
+  (b)  rfatlas: every channel in one batch, forward cut at the layer, no weight gradients.
+  lucent `render_vis`, when torch-lucent is installed.
+
+(a)/(a') render `--single` channels and report their rate (each call costs the same, so the rate of
+a few calls is the rate of all). Defaults finish in about two minutes on a 2-core CPU.
+
+    .venv/bin/python bench/actmax.py [--device cuda] [--steps 31] [--single 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import rfcore.actmax as am
+from rfcore.models import get_model, select_device
+
+
+def lucent_way(model: nn.Module, layer: str, channel: int, objective: str, config: am.ActmaxConfig) -> None:
+    """One channel, full forward with a hook on `layer` (what Lucent does), same parameterization."""
+    out: dict[str, torch.Tensor] = {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: out.__setitem__("a", o))
+    device = next(model.parameters()).device
+    size, mean, std = am._preprocessing(model, config.size)
+    gens = [torch.Generator().manual_seed(am.channel_seed(0, channel))]
+    image = am._Image(config, gens, size, mean.to(device), std.to(device), device)
+    grey = (0.5 - mean.to(device)) / std.to(device)
+    rows = torch.tensor([channel], device=device)
+    optimizer = torch.optim.Adam([image.param], lr=config.lr, weight_decay=config.weight_decay)
+    try:
+        for _ in range(config.steps):
+            optimizer.zero_grad()
+            model(am._transform(image.render(), config, gens, grey))
+            torch.autograd.backward(-am._objective(out["a"], rows, objective).sum())
+            optimizer.step()
+    finally:
+        handle.remove()
+
+
+def lucent_render_vis(model: nn.Module, layer: str, channel: int, config: am.ActmaxConfig) -> None:
+    """torch-lucent's own `render_vis` on one channel (pixel image, no transforms, same Adam)."""
+    from lucent.optvis import param, render  # type: ignore[import-not-found]
+
+    size, _, _ = am._preprocessing(model, config.size)
+    render.render_vis(
+        model, f"{layer.replace('.', '_')}:{channel}", param_f=lambda: param.image(size, fft=False, decorrelate=False),
+        optimizer=lambda p: torch.optim.Adam(p, lr=config.lr, weight_decay=config.weight_decay),
+        transforms=[], thresholds=(config.steps,), show_image=False, progress=False,
+    )
+
+
+def timed(label: str, n: int, fn: Callable[[], None], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    rate = n / (time.perf_counter() - t0)
+    print(f"{label:<62} {rate:8.3f} channels/s", flush=True)
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet34")
+    ap.add_argument("--layer", default="layer3.0.conv2")
+    ap.add_argument("--channels", type=int, default=64, help="channels rendered by (b), one batch")
+    ap.add_argument("--single", type=int, default=4, help="channels rendered one per call by (a), (a')")
+    ap.add_argument("--preset", default="kobayashi2020", choices=sorted(am.PRESETS))
+    ap.add_argument("--steps", type=int, default=3, help="steps for every mode (the paper uses 31)")
+    ap.add_argument("--size", type=int, default=None, help="image side (default: preset / model)")
+    ap.add_argument("--objective", default="channel", choices=am.OBJECTIVES)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast in (b) (CUDA)")
+    args = ap.parse_args()
+
+    device = select_device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = get_model(args.model).to(device)
+    config = am.preset(args.preset, steps=args.steps, amp=args.amp,
+                       **({"size": args.size} if args.size else {}))
+    size, _, _ = am._preprocessing(model, config.size)
+    print(f"{args.model} {args.layer}, preset {args.preset}, {args.steps} steps, {size} px, objective "
+          f"{args.objective}, {device} ({torch.get_num_threads()} threads)")
+    singles = list(range(args.single))
+    warm = am.preset(args.preset, steps=1, size=size)
+    lucent_way(model, args.layer, 0, args.objective, warm)
+    am.actmax(model, args.layer, [0], objective=args.objective, config=warm)
+
+    a = timed("(a)  one channel per call, full network (Lucent's way)", len(singles),
+              lambda: [lucent_way(model, args.layer, c, args.objective, config) for c in singles] and None, sync)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    a2 = timed("(a') same, parameters frozen", len(singles),
+               lambda: [lucent_way(model, args.layer, c, args.objective, config) for c in singles] and None, sync)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    b = timed(f"(b)  rfatlas: {args.channels} channels in one batch, truncated", args.channels,
+              lambda: am.actmax(model, args.layer, list(range(args.channels)), objective=args.objective,
+                                config=config) and None, sync)
+    try:
+        import lucent  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        print(f"{'lucent render_vis':<62} {'skipped (torch-lucent not installed)':>20}")
+    else:
+        timed("lucent render_vis, one channel per call", len(singles),
+              lambda: [lucent_render_vis(model, args.layer, c, config) for c in singles] and None, sync)
+    print(f"speed-up (b)/(a) = {b / a:.2f}x   (b)/(a') = {b / a2:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

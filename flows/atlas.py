@@ -1,0 +1,337 @@
+"""The `atlas` flow: fan sweep shards out over the Dask cluster, merge per layer, crop patches, then run
+the selected analyses as subflows on the same cluster.
+
+Resume/idempotence live in the store: each shard writes its data, then its completion marker; a rerun
+submits only the shards without a marker (a half-written shard is simply redone), and merge/crop
+steps skip layers already marked. The flow holds the store's lease while it runs, so a second run on
+the same store refuses (`StoreLockedError`); the lease expires if this process dies.
+"""
+
+from __future__ import annotations
+
+import difflib
+import getpass
+import importlib
+import inspect
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
+from prefect.logging import get_run_logger
+
+from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
+from flows.runner import gpu_annotation, make_task_runner, shared_runner
+from rfcore.data import SkippedImage
+from rfcore.errors import RfatlasError
+from rfcore.models import select_device
+from rfcore.pipeline import DEFAULT_SHARD_SIZE
+from rfcore.schema import sweep_shard_key
+from rfcore.store import AtlasStore, redact
+from tasks import atlas as T
+
+#: Analyses in the order they run; each but `sweep` is a subflow `(module, flow name)` by its engineer.
+ANALYSES: dict[str, tuple[str, str] | None] = {
+    "sweep": None,
+    "inactive": ("flows.noise", "inactive_analysis"),
+    "noise": ("flows.noise", "noise_analysis"),
+    "actmax": ("flows.actmax", "actmax_analysis"),
+}
+LEASE_TTL_S = 60.0
+
+
+def analysis_flow(name: str) -> Any | None:
+    """The subflow of analysis `name`, or None when its module is not there (yet)."""
+    target = ANALYSES.get(name)
+    if target is None:
+        return None
+    try:
+        module = importlib.import_module(target[0])
+    except ImportError:
+        return None
+    return getattr(module, target[1], None)
+
+
+def available_analyses() -> list[str]:
+    return [name for name in ANALYSES if name == "sweep" or analysis_flow(name) is not None]
+
+
+def parse_analyses(spec: str | Sequence[str] | None) -> list[str]:
+    """`"sweep,inactive"` / a list / `"all"` (every analysis that exists) → names in run order;
+    `sweep` is always included. RfatlasError for unknown or unavailable ones."""
+    if spec is None:
+        items = ["sweep"]
+    elif isinstance(spec, str):
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        items = [str(s).strip() for s in spec]
+    have = available_analyses()
+    if "all" in items:
+        return have
+    for name in items:
+        if name not in ANALYSES:
+            close = difflib.get_close_matches(name, list(ANALYSES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RfatlasError(f"unknown analysis {name!r}{hint} (known: {', '.join(ANALYSES)}, all)")
+        if name not in have:
+            raise RfatlasError(f"analysis {name!r} is not available in this installation (have: {', '.join(have)})")
+    return [name for name in ANALYSES if name in items or name == "sweep"]
+
+
+def check_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise RfatlasError(f"bad --device {device!r}; expected auto, cpu, cuda or cuda:N")
+    try:
+        select_device(device)
+    except RfatlasError:
+        raise
+    except Exception as e:
+        raise RfatlasError(f"--device {device}: {e}") from None
+    return device
+
+
+def lease_owner() -> str:
+    run = ""
+    try:
+        from prefect.runtime import flow_run
+
+        run = f" flow run {flow_run.name}" if flow_run.id else ""
+    except Exception:
+        pass
+    return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}{run}"
+
+
+def check_inputs(
+    *,
+    model: str,
+    data: str,
+    store_url: str,
+    weights: str | None = None,
+    layers: str | Sequence[str] = "default",
+    k: int = 16,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    analyses: str | Sequence[str] | None = "sweep",
+    device: str = "auto",
+    seed: int = 0,
+    batch_size: int = 64,
+    patch_max: int = 64,
+) -> dict[str, Any]:
+    """Validate every input of an atlas run without Prefect or Dask (the CLI calls this first, so bad
+    input fails in a second with one line): model, weights, layers, data, device, analyses, and the
+    store (reachable; same run identity if it exists; not leased by a live run). Creates the store's
+    skeleton, exactly as the flow would. Returns the run plan."""
+    check_device(device)
+    names = parse_analyses(analyses)
+    if k < 1 or shard_size < 1 or batch_size < 1 or patch_max < 1:
+        raise RfatlasError(f"--k, --shard-size, --batch-size and --patch-max must be >= 1 (got {k}, {shard_size}, {batch_size}, {patch_max})")
+    plan = T.prepare_store.fn(
+        store_url, model=model, weights=weights, data=data, layers=layers, k=k,
+        shard_size=shard_size, batch_size=batch_size, patch_max=patch_max, seed=seed,
+    )  # fmt: skip
+    store = AtlasStore.open(store_url, "r+")
+    with store.lease(lease_owner() + " (input check)", ttl_s=10.0):
+        pass
+    plan["analyses"] = names
+    return plan
+
+
+def _summary_markdown(s: dict[str, Any]) -> str:
+    url = s["store_url"]
+    lines = [
+        f"# rfatlas: {s['model']} on {s['data']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| images swept | {s['images_swept']} of {s['num_images']} ({s['images_resumed']} from an earlier run) |",
+        f"| skipped files | {s['skipped']} |",
+        f"| layers | {len(s['layers'])}: {', '.join(s['layers'])} |",
+        f"| channels | {s['channels']} |",
+        f"| shards | {s['num_shards']} × {s['shard_size']} images ({s['shards_run']} run now) |",
+        f"| wall time | {fmt_duration(s['wall_s'])} ({s['wall_s']:.1f} s) |",
+        f"| throughput | {s['images_per_s']:.1f} images/s |",
+        f"| analyses | {', '.join(s['analyses'])} |",
+        f"| store | `{url}` |",
+        "",
+        "Open it:",
+        "",
+        "```",
+        f"rfatlas ls {url}",
+        f"rfatlas verify {url}",
+        f'python -c "import rfcore.store as s; a = s.open_atlas(\'{url}\'); print(a.layers)"',
+        "```",
+    ]
+    if s.get("analysis_results"):
+        lines += ["", "## Analyses", ""]
+        for name, res in s["analysis_results"].items():
+            lines.append(f"- **{name}**: {_short(res)}")
+    return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@flow(name="atlas", flow_run_name="atlas-{model}-{data}", task_runner=make_task_runner(), validate_parameters=True)
+def atlas(
+    model: str,
+    data: str,
+    store_url: str,
+    weights: str | None = None,
+    layers: str | list[str] = "default",
+    k: int = 16,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    analyses: str | list[str] = "sweep",
+    device: str = "auto",
+    seed: int = 0,
+    batch_size: int = 64,
+    patch_max: int = 64,
+    analysis_options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Preferred stimuli of every unit of `model` over `data`, into the Zarr atlas at `store_url`.
+
+    Returns a small summary (images, layers, channels, wall time, throughput, store URL)."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    names = parse_analyses(analyses)
+    check_device(device)
+    plan = T.prepare_store(
+        store_url, model=model, weights=weights, data=data, layers=layers, k=k,
+        shard_size=shard_size, batch_size=batch_size, patch_max=patch_max, seed=seed,
+    )  # fmt: skip
+    store = AtlasStore.open(store_url, "r+")
+    label = f"atlas-{model}-{data}"
+    safe_url = redact(store_url)
+    with store.lease(lease_owner(), ttl_s=LEASE_TTL_S):
+        n, total = plan["num_shards"], plan["num_images"]
+        done = store.done_keys("sweep")
+        pending = [s for s in range(n) if sweep_shard_key(s) not in done]
+        sizes = [min(plan["shard_size"], total - s * plan["shard_size"]) for s in range(n)]
+        resumed = sum(sizes[s] for s in range(n) if s not in pending)
+        log.info("%s: %d/%d shards to sweep (%d images already done) into %s", label, len(pending), n, resumed, safe_url)
+        progress = SweepProgress(label, total, already=resumed)
+        runner = shared_runner()
+        annotate = gpu_annotation(runner, device)
+        common = dict(
+            model=model, weights=weights, data=data, image_size=plan["image_size"],
+            resize=plan["resize"], device=device, seed=seed,
+        )  # fmt: skip
+        t_sweep = time.perf_counter()
+        # Every shard is submitted: finished ones return at once (cached) with their skipped images,
+        # so a resumed run still records the skipped files of shards an earlier run swept.
+        order = pending + [s for s in range(n) if s not in pending]
+        if annotate:
+            import dask
+
+            with dask.annotate(**annotate):
+                futures = [T.sweep_shard.submit(store_url, s, n, **common) for s in order]
+        else:
+            futures = [T.sweep_shard.submit(store_url, s, n, **common) for s in order]
+        failed: list[str] = []
+        swept = 0
+        compute_s = 0.0
+        shard_results: list[dict[str, Any]] = []
+        skipped: dict[int, SkippedImage] = {}
+        for fut in as_completed(futures):
+            try:
+                out = fut.result()
+            except Exception as e:
+                failed.append(f"{type(e).__name__}: {e}")
+                continue
+            shard_results.append({k_: out[k_] for k_ in ("shard", "images", "seconds", "cached", "worker")})
+            for sk in out["skipped"]:
+                skipped[int(sk["index"])] = SkippedImage(int(sk["index"]), str(sk["path"]), str(sk["reason"]))
+            if not out["cached"]:
+                swept += out["images"]
+                compute_s += out["seconds"]
+                progress.update(sizes[out["shard"]], shard=out["shard"])
+        sweep_wall = time.perf_counter() - t_sweep
+        if failed:
+            raise RuntimeError(
+                f"{len(failed)} of {len(futures)} shard(s) failed (rerun to resume; finished shards are kept): "
+                + "; ".join(failed[:3])
+            )
+        store.add_skipped([skipped[i] for i in sorted(skipped)])  # one writer: this flow
+        emit(ProgressEvent("merge", label, 0, len(plan["layers"]), 0.0, None))
+        merges = {L: T.merge_layer.submit(store_url, L) for L in plan["layers"]}
+        crops = [
+            T.crop_patches.submit(
+                store_url, L, data=data, image_size=plan["image_size"], resize=plan["resize"], wait_for=[merges[L]]
+            )
+            for L in plan["layers"]
+        ]
+        for c in crops:
+            c.result()
+        channels = 0
+        for L in plan["layers"]:
+            channels += int(store.layer_group(L).attrs["channels"])
+        analysis_results: dict[str, Any] = {}
+        for name in names[1:]:
+            sub = analysis_flow(name)
+            if sub is None:
+                raise RfatlasError(f"analysis {name!r} is not available")
+            kwargs = _subflow_kwargs(sub, device=device, seed=seed, **(analysis_options or {}).get(name, {}))
+            emit(ProgressEvent("analysis", label, 0, 1, 0.0, None, {"analysis": name}))
+            log.info("analysis %s on %s", name, safe_url)
+            runner_for_sub = shared_runner()
+            if runner_for_sub is not None:
+                sub = sub.with_options(task_runner=runner_for_sub)
+            analysis_results[name] = _small(sub(store_url, **kwargs))
+    wall = time.perf_counter() - t0
+    summary = {
+        "model": model,
+        "data": data,
+        "store_url": safe_url,
+        "num_images": total,
+        "images_swept": swept,
+        "images_resumed": resumed,
+        "skipped": len(skipped),
+        "layers": plan["layers"],
+        "channels": channels,
+        "num_shards": n,
+        "shard_size": plan["shard_size"],
+        "shards_run": len(pending),
+        "analyses": names,
+        "analysis_results": analysis_results,
+        "wall_s": wall,
+        "sweep_wall_s": sweep_wall,
+        "shard_compute_s": compute_s,
+        "images_per_s": swept / sweep_wall if sweep_wall > 0 and swept else 0.0,
+    }
+    try:
+        create_markdown_artifact(
+            _summary_markdown(summary), key=_artifact_key(f"atlas-{model}"), description=f"{label}: summary"
+        )
+    except Exception as e:  # the artifact is a convenience; the store is the result
+        log.warning("could not write the summary artifact: %s", type(e).__name__)
+    emit(ProgressEvent("done", label, total, total, summary["images_per_s"], 0.0, {"summary": summary}))
+    log.info("%s: done in %.1f s, %s", label, wall, safe_url)
+    return summary
+
+
+def _artifact_key(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:60] or "atlas"
+
+
+def _subflow_kwargs(sub: Any, **candidates: Any) -> dict[str, Any]:
+    """Only the keyword arguments the analysis subflow accepts (device/seed are common, not universal)."""
+    params = inspect.signature(sub.fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return candidates
+    return {k: v for k, v in candidates.items() if k in params}
+
+
+def _small(value: Any) -> Any:
+    """Subflow results as plain JSON-able values for the summary."""
+    try:
+        import json
+
+        return json.loads(json.dumps(value, default=str))
+    except Exception:
+        return repr(value)

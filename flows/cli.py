@@ -1,0 +1,331 @@
+"""`rfatlas` command line: demo, run, train, ingest, rf, ls, verify (+ analysis commands of their modules).
+
+Every bad input is one line on stderr (`rfatlas: error: ...`) and exit code 2, checked before Prefect or
+Dask start. Runs use the Prefect API in `PREFECT_API_URL`, or a temporary local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+# Analysis modules by other engineers; each may add subcommands through `register_cli(subparsers)`.
+PLUGIN_MODULES = ("flows.actmax", "flows.noise")
+
+
+def _err(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
+    print(f"rfatlas: error: {first}", file=sys.stderr)
+    return code
+
+
+def _out_url(url: str) -> str:
+    """Local paths become absolute (Dask workers may run elsewhere in the file system view)."""
+    if "://" in url:
+        return url
+    from pathlib import Path
+
+    return str(Path(url).expanduser().resolve())
+
+
+def _start_prefect(args: argparse.Namespace) -> Any:
+    from flows.runner import prefect_api, quiet_logs
+
+    quiet_logs(getattr(args, "verbose", False))
+    return prefect_api()
+
+
+def _run_with_bar(fn: Any, *fargs: Any, **fkwargs: Any) -> Any:
+    from flows.progress import listening, terminal_bar
+
+    listener, close = terminal_bar()
+    try:
+        with listening(listener):
+            return fn(*fargs, **fkwargs)
+    finally:
+        close()
+
+
+# --- commands ---------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.atlas import check_inputs
+    from flows.runner import check_dask_address, make_task_runner
+
+    out = _out_url(args.out)
+    layers = args.layers
+    params = dict(
+        model=args.model, data=args.data, store_url=out, weights=args.weights, layers=layers, k=args.k,
+        shard_size=args.shard_size, analyses=args.analyses, device=args.device, seed=args.seed,
+        batch_size=args.batch_size, patch_max=args.patch_max,
+    )  # fmt: skip
+    if args.dask_address:
+        check_dask_address(args.dask_address)
+    runner = make_task_runner(args.workers, args.dask_address, device=args.device)
+    plan = check_inputs(**params)
+    params["analyses"] = plan["analyses"]
+    print(
+        f"rfatlas: {args.model} on {args.data}: {plan['num_images']} images, {plan['num_shards']} shard(s), "
+        f"{len(plan['layers'])} layer(s) -> {out}",
+        file=sys.stderr,
+    )
+    from flows.atlas import atlas
+
+    with _start_prefect(args):
+        summary = _run_with_bar(atlas.with_options(task_runner=runner), **params)
+    print(
+        f"swept {summary['images_swept']} images ({summary['images_resumed']} resumed) into {summary['store_url']} "
+        f"in {summary['wall_s']:.1f} s ({summary['images_per_s']:.1f} images/s); "
+        f"{len(summary['layers'])} layers, {summary['channels']} channels, {summary['skipped']} skipped"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flows.runner import check_dask_address, make_task_runner
+    from flows.train import check_train_inputs
+
+    out = _out_url(args.out)
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.loader_workers}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    check_train_inputs(model=args.model, data=args.data, out=out, val_data=args.val_data, recipe=args.recipe, overrides=overrides)
+    from flows.atlas import check_device
+
+    check_device(args.device)
+    if args.dask_address:
+        check_dask_address(args.dask_address)
+    from flows.train import train
+
+    flow_fn = train
+    if args.dask_address:
+        flow_fn = train.with_options(task_runner=make_task_runner(None, args.dask_address, device=args.device))
+    with _start_prefect(args):
+        url = flow_fn(
+            model=args.model, data=args.data, out=out, val_data=args.val_data, recipe=args.recipe,
+            overrides=overrides, device=args.device, seed=args.seed,
+        )  # fmt: skip
+    print(url)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.atlas import check_device, parse_analyses
+    from flows.demo import DEMO, format_findings
+    from flows.runner import make_task_runner
+
+    check_device(args.device)
+    analyses = parse_analyses(args.analyses or DEMO["analyses"])
+    out = _out_url(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        return _err(f"--out {out} is a file; give a directory")
+    runner = make_task_runner(args.workers or DEMO["workers"], device=args.device)
+    from flows.demo import demo
+
+    t0 = time.perf_counter()
+    print(f"rfatlas demo: training {', '.join(DEMO['models'])} and sweeping their atlases into {out}", file=sys.stderr)
+    with _start_prefect(args):
+        results = _run_with_bar(
+            demo.with_options(task_runner=runner), out=out, analyses=analyses, device=args.device
+        )
+    print(format_findings(results))
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from rfcore.data import ingest
+
+    size, resize = args.size, args.resize
+    if args.model:
+        from rfcore.models import default_preprocessing
+
+        pre = default_preprocessing(args.model)
+        size, resize = size or pre.size, resize or pre.resize
+    if not size:
+        return _err("ingest needs --size N or --model M (to take the model's input size)")
+    res = ingest(args.spec, _out_url(args.url), size=size, resize=resize, progress=not args.quiet)
+    print(f"ingested {res.num_images if hasattr(res, 'num_images') else ''} images into {res.url}; "
+          f"{len(res.skipped)} skipped; read it with --data zarr:{res.url}")  # fmt: skip
+    return 0
+
+
+def cmd_rf(args: argparse.Namespace) -> int:
+    from rfcore.models import get_model
+    from rfcore.receptive import format_rf_table
+
+    model = get_model(args.model, weights=args.weights)
+    print(format_rf_table(model, args.input_size))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from rfcore.store import describe_store
+
+    print(describe_store(args.url))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from rfcore.store import open_atlas, redact, verify_store
+
+    open_atlas(args.url)  # unreadable / not an atlas: one-line error, exit 2
+    problems = verify_store(args.url)
+    for p in problems:
+        print(f"problem: {p}")
+    if problems:
+        print(f"{redact(args.url)}: {len(problems)} problem(s)")
+        return EXIT_FAILED
+    print(f"{redact(args.url)}: ok (schema and completeness)")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2 (as argparse, minus the usage dump)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rfcore.pipeline import DEFAULT_SHARD_SIZE
+
+    parser = _Parser(prog="rfatlas", description="Receptive fields and preferred stimuli of every unit of a CNN.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("demo", help="train two tiny models and map their units, offline (< 5 min)")
+    p.add_argument("--out", default="rfatlas-demo", help="output directory (default: ./rfatlas-demo)")
+    p.add_argument("--workers", type=_positive, default=None, help="Dask worker processes (default 2)")
+    p.add_argument("--analyses", default=None, help="comma list, or 'all' (default: every analysis that exists)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="sweep a model over a dataset into an atlas (the `atlas` flow)")
+    p.add_argument("--model", required=True, help="registry name (see `rfatlas rf --help`)")
+    p.add_argument("--weights", default=None, help="torchvision weights name or checkpoint path/URL")
+    p.add_argument("--data", required=True, help="synthetic[:N] | synthetic-train[:N] | imagefolder:PATH | imagenette[:val] | zarr:URL")
+    p.add_argument("--out", required=True, help="atlas URL (local path, s3://..., memory://...)")
+    p.add_argument("--layers", default="default", help="default | all-conv | L1,L2,...")
+    p.add_argument("--k", type=_positive, default=16, help="top-k images per channel")
+    p.add_argument("--shard-size", type=_positive, default=DEFAULT_SHARD_SIZE, help="images per shard task")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--patch-max", type=_positive, default=64, help="largest stored patch side (px)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=_positive, default=None, help="local Dask worker processes")
+    g.add_argument("--dask-address", default=None, help="existing Dask scheduler, tcp://HOST:8786")
+    p.add_argument("--analyses", default="sweep", help="comma list: sweep,inactive,noise,actmax | all")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train a model; prints the checkpoint URL (the `train` flow)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="training data spec, e.g. synthetic-train:3000")
+    p.add_argument("--out", required=True, help="checkpoint path/URL (.pt)")
+    p.add_argument("--val-data", default=None, help="validation data spec (accuracy goes into the checkpoint)")
+    p.add_argument("--recipe", default="quick", choices=["quick", "paper"])
+    p.add_argument("--epochs", type=_positive, default=None)
+    p.add_argument("--batch-size", type=_positive, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--loader-workers", type=int, default=None, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dask-address", default=None, help="run the training task on this Dask cluster")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ingest", help="decode and preprocess a dataset once into a Zarr image store")
+    p.add_argument("spec", help="data spec, e.g. imagefolder:/data/val")
+    p.add_argument("url", help="output Zarr URL; read it back with --data zarr:URL")
+    p.add_argument("--model", default=None, help="take --size/--resize from this model's preprocessing")
+    p.add_argument("--size", type=_positive, default=None)
+    p.add_argument("--resize", type=_positive, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("rf", help="receptive-field table of a model's layers")
+    p.add_argument("model")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--input-size", type=_positive, default=None)
+    p.set_defaults(func=cmd_rf)
+
+    p = sub.add_parser("ls", help="what is in an atlas store")
+    p.add_argument("url")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("verify", help="schema and completeness check of an atlas (exit 1 on problems)")
+    p.add_argument("url")
+    p.set_defaults(func=cmd_verify)
+
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        register = getattr(module, "register_cli", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-v" not in argv and "--verbose" not in argv:
+        from flows.runner import quiet_logs
+
+        quiet_logs()
+    from rfcore.errors import RfatlasError
+
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        code = args.func(args)
+        return int(code or 0)
+    except RfatlasError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        return _err("interrupted", 130)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        return _err(f"{e.strerror or type(e).__name__}: {e.filename or e}")
+    except Exception as e:  # a failed run: still one line; details are in the Prefect UI / -v logs
+        cause = _rfatlas_cause(e)
+        if cause is not None:
+            return _err(str(cause))
+        if "-v" in argv or "--verbose" in argv:
+            raise
+        return _err(f"run failed: {type(e).__name__}: {e}", EXIT_FAILED)
+
+
+def _rfatlas_cause(e: BaseException) -> BaseException | None:
+    from rfcore.errors import RfatlasError
+
+    seen = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, RfatlasError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The `demo` flow: synthetic data → train `resnet10t` and `plainnet10t` → atlas of both (with every
+analysis that exists) → reports and a short account of what was found. Offline, < 5 min on 2 cores.
+
+Every demo default lives in `DEMO` below.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
+
+from flows.atlas import atlas, parse_analyses
+from flows.progress import ProgressEvent, emit
+from flows.runner import make_task_runner, shared_runner
+from tasks.train import train_model
+
+DEMO: dict[str, Any] = {
+    "models": ["resnet10t", "plainnet10t"],
+    "train_data": "synthetic-train:3000",  # ~1 min of quick training per model on one core
+    "val_data": "synthetic:512",          # the images the atlas sweeps
+    "recipe": "quick",
+    "train_overrides": {"epochs": 4},
+    "layers": "default",
+    "k": 16,
+    "shard_size": 128,                    # 4 shards: enough to show the fan-out
+    "analyses": "all",                    # every analysis that exists in this installation
+    "analysis_options": {},
+    "workers": 2,                         # Dask worker processes (× 1 torch thread each on 2 cores)
+    "seed": 0,
+}
+
+
+def _abs_url(out: str) -> str:
+    return out if "://" in out else str(Path(out).expanduser().resolve())
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+@flow(name="demo", flow_run_name="demo", task_runner=make_task_runner(DEMO["workers"]), validate_parameters=True)
+def demo(
+    out: str = "rfatlas-demo",
+    models: list[str] = DEMO["models"],
+    train_data: str = DEMO["train_data"],
+    val_data: str = DEMO["val_data"],
+    recipe: str = DEMO["recipe"],
+    train_overrides: dict[str, Any] | None = DEMO["train_overrides"],
+    layers: str | list[str] = DEMO["layers"],
+    k: int = DEMO["k"],
+    shard_size: int = DEMO["shard_size"],
+    analyses: str | list[str] = DEMO["analyses"],
+    analysis_options: dict[str, dict[str, Any]] | None = None,
+    device: str = "auto",
+    seed: int = DEMO["seed"],
+) -> dict[str, Any]:
+    """Train the tiny models (in parallel on the Dask workers), sweep each into its own atlas under
+    `out`, write the HTML reports; returns the findings."""
+    log = get_run_logger()
+    base = _abs_url(out)
+    names = parse_analyses(analyses)
+    options = {**DEMO["analysis_options"], **(analysis_options or {})}
+    if "://" not in base:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    emit(ProgressEvent("train", "train", 0, len(models), 0.0, None))
+    trains = {
+        m: train_model.submit(
+            m, train_data, _join(base, "checkpoints", f"{m}.pt"), val_data=val_data, recipe=recipe,
+            overrides=train_overrides, device=device, seed=seed,
+        )  # fmt: skip
+        for m in models
+    }
+    trained = {m: f.result() for m, f in trains.items()}
+    emit(ProgressEvent("train", "train", len(models), len(models), 0.0, None, {"trained": trained}))
+    results: dict[str, Any] = {"out": base, "models": {}}
+    for m in models:
+        store_url = _join(base, f"{m}.zarr")
+        runner = shared_runner()
+        sub = atlas.with_options(task_runner=runner) if runner is not None else atlas
+        summary = sub(
+            model=m, data=val_data, store_url=store_url, weights=trained[m]["checkpoint_url"], layers=layers,
+            k=k, shard_size=shard_size, analyses=names, device=device, seed=seed, analysis_options=options,
+        )  # fmt: skip
+        report = _report(store_url, _join(base, "report", m))
+        results["models"][m] = {
+            "val_accuracy": trained[m]["val_accuracy"],
+            "train_seconds": trained[m]["seconds"],
+            "checkpoint": trained[m]["checkpoint_url"],
+            "store": store_url,
+            "report": report,
+            "layers": summary["layers"],
+            "channels": summary["channels"],
+            "images": summary["num_images"],
+            "skipped": summary["skipped"],
+            "atlas_seconds": summary["wall_s"],
+            "images_per_s": summary["images_per_s"],
+            "notable": notable_units(store_url, val_data),
+            "inactive": inactive_counts(store_url) if "inactive" in names else None,
+        }
+        log.info("demo: %s done (%s)", m, store_url)
+    try:
+        create_markdown_artifact(format_findings(results), key="demo-findings", description="rfatlas demo")
+    except Exception:
+        pass
+    return results
+
+
+def _report(store_url: str, out_dir: str) -> str | None:
+    try:
+        from rfcore.report import write_report
+    except ImportError:
+        return None
+    return str(write_report(store_url, out_dir))
+
+
+def notable_units(store_url: str, data: str, n: int = 3) -> list[dict[str, Any]]:
+    """Units of the deepest layer whose top-k images agree most on one class (class-selective units)."""
+    from rfcore.store import open_atlas
+    from tasks.runtime import cached_dataset
+
+    a = open_atlas(store_url)
+    layer = a.layers[-1]
+    al = a.layer(layer)
+    images = al.array("topk/image")
+    maxima = al.array("max")
+    ds = cached_dataset(data, int(a.run["image_size"]), a.run["preprocessing"].get("resize"))
+    labels: dict[int, int] = {}
+    rows = []
+    for c in range(images.shape[0]):
+        idx = [int(i) for i in images[c] if i >= 0]
+        if not idx:
+            continue
+        for i in idx:
+            if i not in labels:
+                labels[i] = int(ds.get(i)[1])
+        cls, count = collections.Counter(labels[i] for i in idx).most_common(1)[0]
+        rows.append(
+            {
+                "layer": layer,
+                "channel": c,
+                "class": ds.class_names[cls] if 0 <= cls < len(ds.class_names) else str(cls),
+                "agree": count,
+                "k": len(idx),
+                "max": float(maxima[c]),
+            }
+        )
+    rows.sort(key=lambda r: (-r["agree"] / r["k"], -r["max"], r["channel"]))
+    return rows[:n]
+
+
+def inactive_counts(store_url: str) -> dict[str, int]:
+    """{layer: number of inactive channels} for the layers the inactive analysis wrote."""
+    from rfcore.store import open_atlas
+
+    a = open_atlas(store_url)
+    out = {}
+    for name in a.layers:
+        try:
+            out[name] = int(a.layer(name).array("inactive").sum())
+        except Exception:
+            continue
+    return out
+
+
+def format_findings(results: dict[str, Any]) -> str:
+    """What `rfatlas demo` prints at the end."""
+    lines = [f"rfatlas demo: results in {results['out']}"]
+    for m, r in results["models"].items():
+        acc = r["val_accuracy"]
+        acc_s = f"{100 * acc:.1f}%" if isinstance(acc, float) else "n/a"
+        lines.append("")
+        lines.append(f"{m}: validation accuracy {acc_s} (trained in {r['train_seconds']:.0f} s)")
+        lines.append(
+            f"  atlas: {r['images']} images, {len(r['layers'])} layers ({', '.join(r['layers'])}), "
+            f"{r['channels']} channels, {r['skipped']} skipped, {r['images_per_s']:.0f} images/s"
+        )
+        for u in r["notable"]:
+            lines.append(
+                f"  notable: {u['layer']} channel {u['channel']}: {u['agree']}/{u['k']} top images are "
+                f"'{u['class']}' (max {u['max']:.2f})"
+            )
+        if r.get("inactive") is not None:
+            parts = [f"{k} {v}" for k, v in r["inactive"].items()]
+            lines.append(f"  inactive channels: {', '.join(parts) if parts else 'none recorded'}")
+        lines.append(f"  store:  {r['store']}")
+        if r.get("report"):
+            lines.append(f"  report: {r['report']}")
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Dask task runners for the flows, and an API server for Prefect runs started from the CLI.
+
+* default: a `LocalCluster` sized to the machine: worker processes × 1 task thread each, with torch's
+  intra-op threads set so that workers × torch threads = cores (`RFATLAS_TORCH_THREADS`);
+* `address="tcp://HOST:8786"`: an existing cluster (`dask-cuda`, `dask-kubernetes`, `dask-jobqueue`, ...);
+* GPU machines: one worker per GPU with `resources={"GPU": 1}`; tasks that run the model ask for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from rfcore.errors import RfatlasError
+
+ADDRESS_ENV = "RFATLAS_DASK_ADDRESS"  # deployments: point the flows at an existing Dask cluster
+WORKERS_ENV = "RFATLAS_DASK_WORKERS"
+GPU_RESOURCE = "GPU"
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def cluster_kwargs(workers: int | None = None, *, device: str = "auto", threads: int | None = None) -> dict[str, Any]:
+    """`LocalCluster` arguments sized to this machine (see the module doc)."""
+    cores = cpu_count()
+    gpus = gpu_count() if device in ("auto", "cuda") or device.startswith("cuda:") else 0
+    if device.startswith("cuda") and gpus == 0:
+        raise RfatlasError(f"--device {device}: no CUDA GPU is visible on this machine")
+    if workers is not None and workers < 1:
+        raise RfatlasError(f"--workers must be at least 1, not {workers}")
+    if workers is None:
+        env = os.environ.get(WORKERS_ENV, "")
+        workers = int(env) if env.isdigit() and int(env) > 0 else None
+    if workers is None:
+        workers = gpus if gpus else min(cores, 4)
+    torch_threads = threads or max(1, cores // workers)
+    kw: dict[str, Any] = {
+        "n_workers": workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": "127.0.0.1",
+        "dashboard_address": None,
+        "env": {
+            "RFATLAS_TORCH_THREADS": str(torch_threads),
+            "OMP_NUM_THREADS": str(torch_threads),
+            "MKL_NUM_THREADS": str(torch_threads),
+        },
+    }
+    for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME"):
+        # Workers inherit the environment; make sure they report to the same API as the flow.
+        if os.environ.get(key):
+            kw["env"][key] = os.environ[key]
+    if gpus:
+        kw["resources"] = {GPU_RESOURCE: 1}
+    return kw
+
+
+def make_task_runner(
+    workers: int | None = None,
+    address: str | None = None,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+) -> Any:
+    """A `DaskTaskRunner`: `address` connects to an existing scheduler; otherwise a local cluster."""
+    from prefect_dask import DaskTaskRunner
+
+    address = address or os.environ.get(ADDRESS_ENV) or None
+    if address:
+        if workers is not None:
+            raise RfatlasError("use either --workers (local cluster) or --dask-address (existing cluster)")
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs(workers, device=device, threads=threads))
+
+
+def check_dask_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (RfatlasError) when nothing answers at a Dask scheduler address."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme not in ("tcp", "tls") or not parsed.hostname:
+        raise RfatlasError(f"bad --dask-address {address!r}; expected tcp://HOST:PORT")
+    port = parsed.port or 8786
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise RfatlasError(f"no Dask scheduler answers at {address} ({e.strerror or e})") from None
+
+
+def shared_runner() -> Any:
+    """Inside a flow: a task runner for subflows that reuses this flow's Dask cluster (no new cluster)."""
+    from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
+
+    ctx = FlowRunContext.get()
+    runner = ctx.task_runner if ctx else None
+    if isinstance(runner, DaskTaskRunner):
+        return DaskTaskRunner(address=runner.client.scheduler.address)
+    return runner.duplicate() if runner is not None else None
+
+
+def gpu_annotation(runner: Any, device: str) -> dict[str, Any]:
+    """`dask.annotate` arguments for model-running tasks: ask for a GPU when the cluster has them."""
+    if device == "cpu":
+        return {}
+    try:
+        from prefect_dask import DaskTaskRunner
+
+        if not isinstance(runner, DaskTaskRunner):
+            return {}
+        workers = runner.client.scheduler_info().get("workers", {})
+    except Exception:
+        return {}
+    if any(w.get("resources", {}).get(GPU_RESOURCE) for w in workers.values()):
+        return {"resources": {GPU_RESOURCE: 1}}
+    return {}
+
+
+def quiet_logs(verbose: bool = False) -> None:
+    """Defaults for CLI runs: Prefect and Dask log warnings only (the CLI draws a progress bar)."""
+    if verbose:
+        return
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "error")
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """Use `PREFECT_API_URL` when set; otherwise start one local (ephemeral) API server for this
+    process and its Dask workers, and stop it afterwards."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if url:
+        yield url
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=180)
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+        with contextlib.suppress(Exception):
+            server.stop()

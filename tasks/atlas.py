@@ -1,0 +1,118 @@
+"""Thin Prefect tasks of the atlas sweep over `rfcore.pipeline`; each returns a small dict, never tensors.
+
+Bulk results go only into the Zarr store: a shard writes its activation rows and reducer partials
+into the store's own chunks, then its completion marker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from rfcore import pipeline
+from rfcore.store import redact
+from tasks.policy import GPU_TAG, TASK_OPTIONS
+from tasks.runtime import cached_dataset, cached_model, configure_threads_from_env
+
+
+def _where() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@task(name="prepare-store", task_run_name="prepare[{model}]", **TASK_OPTIONS)
+def prepare_store(
+    store_url: str,
+    *,
+    model: str,
+    weights: str | None,
+    data: str,
+    layers: str | Sequence[str] = "default",
+    k: int = 16,
+    shard_size: int = pipeline.DEFAULT_SHARD_SIZE,
+    batch_size: int = 64,
+    patch_max: int = 64,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Create the atlas (or reopen it when the run identity matches); returns its plan."""
+    store = pipeline.prepare_store(
+        store_url,
+        model_name=model,
+        weights=weights,
+        data_spec=data,
+        layers=layers,
+        k=k,
+        patch_max=patch_max,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    run = store.run
+    return {
+        "store_url": store_url,
+        "num_images": int(run["num_images"]),
+        "num_shards": store.num_shards,
+        "shard_size": int(run["config"]["shard_size"]),
+        "layers": list(run["config"]["layers"]),
+        "image_size": int(run["image_size"]),
+        "resize": run["preprocessing"].get("resize"),
+    }
+
+
+@task(name="sweep-shard", task_run_name="sweep[shard={shard:04d}/{num_shards:04d}]", tags=[GPU_TAG], **TASK_OPTIONS)
+def sweep_shard(
+    store_url: str,
+    shard: int,
+    num_shards: int,
+    *,
+    model: str,
+    weights: str | None,
+    data: str,
+    image_size: int,
+    resize: int | None,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One shard of images → activation rows and reducer partials in the store, then its marker.
+
+    Returns {shard, images, skipped, seconds, cached, worker, load_seconds}."""
+    t0 = time.perf_counter()
+    threads = configure_threads_from_env()
+    net = cached_model(model, weights, device, seed)
+    dataset = cached_dataset(data, image_size, resize)
+    load = time.perf_counter() - t0
+    out = pipeline.sweep_shard(store_url, shard, model=net, dataset=dataset, device=device)
+    out.update(worker=_where(), load_seconds=load, threads=threads)
+    if not out["cached"]:
+        get_run_logger().info(
+            "shard %d/%d: %d images in %.2f s on %s (%d skipped)",
+            shard, num_shards, out["images"], out["seconds"], out["worker"], len(out["skipped"]),
+        )  # fmt: skip
+    return out
+
+
+@task(name="merge-layer", task_run_name="merge[layer={layer}]", **TASK_OPTIONS)
+def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
+    """Partials of every shard → the layer's final top-k, mean stimulus and stats."""
+    out = pipeline.merge_layer(store_url, layer)
+    get_run_logger().info("merged %s in %.2f s", layer, out["seconds"])
+    return out
+
+
+@task(name="crop-patches", task_run_name="crop[layer={layer}]", **TASK_OPTIONS)
+def crop_patches(store_url: str, layer: str, *, data: str, image_size: int, resize: int | None) -> dict[str, Any]:
+    """Top-k patches of a merged layer; re-reads only the winning images."""
+    configure_threads_from_env()
+    out = pipeline.crop_patches(store_url, layer, dataset=cached_dataset(data, image_size, resize))
+    get_run_logger().info("cropped %s: %d images re-read in %.2f s", layer, out["images"], out["seconds"])
+    return out
+
+
+def redacted(url: str) -> str:
+    """A URL safe for logs and artifacts."""
+    return redact(url)
