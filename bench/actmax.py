@@ -48,7 +48,7 @@ def lucent_way(model: nn.Module, layer: str, channel: int, objective: str, confi
 
 def lucent_render_vis(model: nn.Module, layer: str, channel: int, config: am.ActmaxConfig) -> None:
     """torch-lucent's own `render_vis` on one channel (pixel image, no transforms, same Adam)."""
-    from lucent.optvis import param, render  # type: ignore[import-not-found]
+    from lucent.optvis import param, render
 
     size, _, _ = am._preprocessing(model, config.size)
     render.render_vis(
@@ -58,7 +58,7 @@ def lucent_render_vis(model: nn.Module, layer: str, channel: int, config: am.Act
     )
 
 
-def timed(label: str, n: int, fn: Callable[[], None], sync: Callable[[], None]) -> float:
+def timed(label: str, n: int, fn: Callable[[], None], sync: Callable[[], object]) -> float:
     sync()
     t0 = time.perf_counter()
     fn()
@@ -75,12 +75,15 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=64, help="channels rendered by (b), one batch")
     ap.add_argument("--single", type=int, default=4, help="channels rendered one per call by (a), (a')")
     ap.add_argument("--preset", default="kobayashi2020", choices=sorted(am.PRESETS))
-    ap.add_argument("--steps", type=int, default=3, help="steps for every mode (the paper uses 31)")
+    ap.add_argument("--steps", type=int, default=2, help="steps for every mode (the paper uses 31)")
     ap.add_argument("--size", type=int, default=None, help="image side (default: preset / model)")
     ap.add_argument("--objective", default="channel", choices=am.OBJECTIVES)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast in (b) (CUDA)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = select_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -95,24 +98,33 @@ def main() -> None:
     lucent_way(model, args.layer, 0, args.objective, warm)
     am.actmax(model, args.layer, [0], objective=args.objective, config=warm)
 
-    a = timed("(a)  one channel per call, full network (Lucent's way)", len(singles),
-              lambda: [lucent_way(model, args.layer, c, args.objective, config) for c in singles] and None, sync)
+    def one_per_call(render: Callable[[int], object]) -> Callable[[], None]:
+        def run() -> None:
+            for c in singles:
+                render(c)
+        return run
+
+    def lucent_way_c(c: int) -> None:
+        lucent_way(model, args.layer, c, args.objective, config)
+
+    a = timed("(a)  one channel per call, full network (Lucent's way)", len(singles), one_per_call(lucent_way_c), sync)
     for p in model.parameters():
         p.requires_grad_(False)
-    a2 = timed("(a') same, parameters frozen", len(singles),
-               lambda: [lucent_way(model, args.layer, c, args.objective, config) for c in singles] and None, sync)
+    a2 = timed("(a') same, parameters frozen", len(singles), one_per_call(lucent_way_c), sync)
     for p in model.parameters():
         p.requires_grad_(True)
-    b = timed(f"(b)  rfatlas: {args.channels} channels in one batch, truncated", args.channels,
-              lambda: am.actmax(model, args.layer, list(range(args.channels)), objective=args.objective,
-                                config=config) and None, sync)
+
+    def batched() -> None:
+        am.actmax(model, args.layer, list(range(args.channels)), objective=args.objective, config=config)
+
+    b = timed(f"(b)  rfatlas: {args.channels} channels in one batch, truncated", args.channels, batched, sync)
     try:
-        import lucent  # type: ignore[import-not-found]  # noqa: F401
+        import lucent  # noqa: F401
     except ImportError:
         print(f"{'lucent render_vis':<62} {'skipped (torch-lucent not installed)':>20}")
     else:
         timed("lucent render_vis, one channel per call", len(singles),
-              lambda: [lucent_render_vis(model, args.layer, c, config) for c in singles] and None, sync)
+              one_per_call(lambda c: lucent_render_vis(model, args.layer, c, config)), sync)
     print(f"speed-up (b)/(a) = {b / a:.2f}x   (b)/(a') = {b / a2:.2f}x")
 
 

@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--patch-max", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--layer-sets", default="default,all-conv")
     ap.add_argument(
         "--memory-images", type=int, default=None, help="1x size for the memory check (default: --images)"
@@ -159,6 +160,8 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.child is not None:
         child_memory(args)
         return

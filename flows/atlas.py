@@ -78,7 +78,9 @@ def parse_analyses(spec: str | Sequence[str] | None) -> list[str]:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise RfatlasError(f"unknown analysis {name!r}{hint} (known: {', '.join(ANALYSES)}, all)")
         if name not in have:
-            raise RfatlasError(f"analysis {name!r} is not available in this installation (have: {', '.join(have)})")
+            raise RfatlasError(
+                f"analysis {name!r} is not available in this installation (have: {', '.join(have)})"
+            )
     return [name for name in ANALYSES if name in items or name == "sweep"]
 
 
@@ -127,7 +129,9 @@ def check_inputs(
     check_device(device)
     names = parse_analyses(analyses)
     if k < 1 or shard_size < 1 or batch_size < 1 or patch_max < 1:
-        raise RfatlasError(f"--k, --shard-size, --batch-size and --patch-max must be >= 1 (got {k}, {shard_size}, {batch_size}, {patch_max})")
+        raise RfatlasError(
+            f"--k, --shard-size, --batch-size and --patch-max must be >= 1 (got {k}, {shard_size}, {batch_size}, {patch_max})"
+        )
     plan = T.prepare_store.fn(
         store_url, model=model, weights=weights, data=data, layers=layers, k=k,
         shard_size=shard_size, batch_size=batch_size, patch_max=patch_max, seed=seed,
@@ -161,7 +165,7 @@ def _summary_markdown(s: dict[str, Any]) -> str:
         "```",
         f"rfatlas ls {url}",
         f"rfatlas verify {url}",
-        f'python -c "import rfcore.store as s; a = s.open_atlas(\'{url}\'); print(a.layers)"',
+        f"python -c \"import rfcore.store as s; a = s.open_atlas('{url}'); print(a.layers)\"",
         "```",
     ]
     if s.get("analysis_results"):
@@ -176,7 +180,12 @@ def _short(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-@flow(name="atlas", flow_run_name="atlas-{model}-{data}", task_runner=make_task_runner(), validate_parameters=True)
+@flow(
+    name="atlas",
+    flow_run_name="atlas-{model}-{data}",
+    task_runner=make_task_runner(),
+    validate_parameters=True,
+)
 def atlas(
     model: str,
     data: str,
@@ -212,7 +221,14 @@ def atlas(
         pending = [s for s in range(n) if sweep_shard_key(s) not in done]
         sizes = [min(plan["shard_size"], total - s * plan["shard_size"]) for s in range(n)]
         resumed = sum(sizes[s] for s in range(n) if s not in pending)
-        log.info("%s: %d/%d shards to sweep (%d images already done) into %s", label, len(pending), n, resumed, safe_url)
+        log.info(
+            "%s: %d/%d shards to sweep (%d images already done) into %s",
+            label,
+            len(pending),
+            n,
+            resumed,
+            safe_url,
+        )
         progress = SweepProgress(label, total, already=resumed)
         runner = shared_runner()
         annotate = gpu_annotation(runner, device)
@@ -260,7 +276,12 @@ def atlas(
         merges = {L: T.merge_layer.submit(store_url, L) for L in plan["layers"]}
         crops = [
             T.crop_patches.submit(
-                store_url, L, data=data, image_size=plan["image_size"], resize=plan["resize"], wait_for=[merges[L]]
+                store_url,
+                L,
+                data=data,
+                image_size=plan["image_size"],
+                resize=plan["resize"],
+                wait_for=[merges[L]],
             )
             for L in plan["layers"]
         ]

@@ -93,9 +93,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from flows.train import check_train_inputs
 
     out = _out_url(args.out)
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.loader_workers}
+    overrides = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "num_workers": args.loader_workers,
+    }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    check_train_inputs(model=args.model, data=args.data, out=out, val_data=args.val_data, recipe=args.recipe, overrides=overrides)
+    check_train_inputs(
+        model=args.model,
+        data=args.data,
+        out=out,
+        val_data=args.val_data,
+        recipe=args.recipe,
+        overrides=overrides,
+    )
     from flows.atlas import check_device
 
     check_device(args.device)
@@ -105,7 +117,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     flow_fn = train
     if args.dask_address:
-        flow_fn = train.with_options(task_runner=make_task_runner(None, args.dask_address, device=args.device))
+        flow_fn = train.with_options(
+            task_runner=make_task_runner(None, args.dask_address, device=args.device)
+        )
     with _start_prefect(args):
         url = flow_fn(
             model=args.model, data=args.data, out=out, val_data=args.val_data, recipe=args.recipe,
@@ -129,7 +143,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo
 
     t0 = time.perf_counter()
-    print(f"rfatlas demo: training {', '.join(DEMO['models'])} and sweeping their atlases into {out}", file=sys.stderr)
+    print(
+        f"rfatlas demo: training {', '.join(DEMO['models'])} and sweeping their atlases into {out}",
+        file=sys.stderr,
+    )
     with _start_prefect(args):
         results = _run_with_bar(
             demo.with_options(task_runner=runner), out=out, analyses=analyses, device=args.device
@@ -205,7 +222,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from rfcore.pipeline import DEFAULT_SHARD_SIZE
 
-    parser = _Parser(prog="rfatlas", description="Receptive fields and preferred stimuli of every unit of a CNN.")
+    parser = _Parser(
+        prog="rfatlas", description="Receptive fields and preferred stimuli of every unit of a CNN."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect and Dask logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -213,14 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train two tiny models and map their units, offline (< 5 min)")
     p.add_argument("--out", default="rfatlas-demo", help="output directory (default: ./rfatlas-demo)")
     p.add_argument("--workers", type=_positive, default=None, help="Dask worker processes (default 2)")
-    p.add_argument("--analyses", default=None, help="comma list, or 'all' (default: every analysis that exists)")
+    p.add_argument(
+        "--analyses", default=None, help="comma list, or 'all' (default: every analysis that exists)"
+    )
     p.add_argument("--device", default="auto", help="auto|cpu|cuda")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="sweep a model over a dataset into an atlas (the `atlas` flow)")
     p.add_argument("--model", required=True, help="registry name (see `rfatlas rf --help`)")
     p.add_argument("--weights", default=None, help="torchvision weights name or checkpoint path/URL")
-    p.add_argument("--data", required=True, help="synthetic[:N] | synthetic-train[:N] | imagefolder:PATH | imagenette[:val] | zarr:URL")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="synthetic[:N] | synthetic-train[:N] | imagefolder:PATH | imagenette[:val] | zarr:URL",
+    )
     p.add_argument("--out", required=True, help="atlas URL (local path, s3://..., memory://...)")
     p.add_argument("--layers", default="default", help="default | all-conv | L1,L2,...")
     p.add_argument("--k", type=_positive, default=16, help="top-k images per channel")
@@ -239,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="training data spec, e.g. synthetic-train:3000")
     p.add_argument("--out", required=True, help="checkpoint path/URL (.pt)")
-    p.add_argument("--val-data", default=None, help="validation data spec (accuracy goes into the checkpoint)")
+    p.add_argument(
+        "--val-data", default=None, help="validation data spec (accuracy goes into the checkpoint)"
+    )
     p.add_argument("--recipe", default="quick", choices=["quick", "paper"])
     p.add_argument("--epochs", type=_positive, default=None)
     p.add_argument("--batch-size", type=_positive, default=None)

@@ -22,15 +22,15 @@ from tasks.train import train_model
 DEMO: dict[str, Any] = {
     "models": ["resnet10t", "plainnet10t"],
     "train_data": "synthetic-train:3000",  # ~1 min of quick training per model on one core
-    "val_data": "synthetic:512",          # the images the atlas sweeps
+    "val_data": "synthetic:512",  # the images the atlas sweeps
     "recipe": "quick",
     "train_overrides": {"epochs": 4},
     "layers": "default",
     "k": 16,
-    "shard_size": 128,                    # 4 shards: enough to show the fan-out
-    "analyses": "all",                    # every analysis that exists in this installation
+    "shard_size": 128,  # 4 shards: enough to show the fan-out
+    "analyses": "all",  # every analysis that exists in this installation
     "analysis_options": {},
-    "workers": 2,                         # Dask worker processes (× 1 torch thread each on 2 cores)
+    "workers": 2,  # Dask worker processes (× 1 torch thread each on 2 cores)
     "seed": 0,
 }
 
@@ -43,7 +43,9 @@ def _join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-@flow(name="demo", flow_run_name="demo", task_runner=make_task_runner(DEMO["workers"]), validate_parameters=True)
+@flow(
+    name="demo", flow_run_name="demo", task_runner=make_task_runner(DEMO["workers"]), validate_parameters=True
+)
 def demo(
     out: str = "rfatlas-demo",
     models: list[str] = DEMO["models"],
@@ -70,9 +72,15 @@ def demo(
     emit(ProgressEvent("train", "train", 0, len(models), 0.0, None))
     trains = {
         m: train_model.submit(
-            m, train_data, _join(base, "checkpoints", f"{m}.pt"), val_data=val_data, recipe=recipe,
-            overrides=train_overrides, device=device, seed=seed,
-        )  # fmt: skip
+            m,
+            train_data,
+            _join(base, "checkpoints", f"{m}.pt"),
+            val_data=val_data,
+            recipe=recipe,
+            overrides=train_overrides,
+            device=device,
+            seed=seed,
+        )
         for m in models
     }
     trained = {m: f.result() for m, f in trains.items()}

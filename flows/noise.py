@@ -10,12 +10,12 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from rfcore.errors import StoreError
-from rfcore.inactive import default_layer, read_inactive
+from rfcore.errors import RfatlasError
+from rfcore.inactive import default_layer
 from rfcore.models import get_model
-from rfcore.noise import CONDITIONS, check_conditions, compare_table, prepare_noise
+from rfcore.noise import CONDITIONS, check_conditions, compare_table
 from rfcore.store import Atlas, AtlasStore
-from tasks.noise import detect_inactive_task, noise_shard_task, noise_summary_task
+from tasks.noise import detect_inactive_task, noise_shard_task, noise_summary_task, prepare_noise_task
 
 TABLE_TITLE = "Inactive channels and noise injection (Kobayashi & Shouno 2020, Table 1)"
 
@@ -53,18 +53,20 @@ def noise_analysis(
     conds = check_conditions(conditions)
     store = AtlasStore.open(store_url, "r+")
     name = _layer(store, layer)
-    try:
-        _, attrs = read_inactive(store, name)
-        fresh = float(attrs["threshold"]) != float(threshold)
-    except StoreError:
-        fresh = True
-    if fresh:
-        detect_inactive_task(store_url, name, threshold)
-    pending = prepare_noise(store, name, conditions=conds, sigma=sigma, seed=seed)
+    pending = prepare_noise_task(store_url, name, conds, sigma, seed, threshold)
     n_shards = store.num_shards
     futures = [noise_shard_task.submit(store_url, name, c, s, n_shards, device) for c, s in pending]
-    for fut in futures:
-        fut.result()
+    failed = []
+    for (cond, shard), fut in zip(pending, futures, strict=True):
+        try:
+            fut.result()
+        except Exception as e:
+            failed.append(f"{cond} shard {shard}: {e}")
+    if failed:
+        raise RfatlasError(
+            f"{len(failed)} of {len(futures)} noise task(s) failed (rerun to resume; finished ones are kept): "
+            + "; ".join(failed[:3])
+        )
     return noise_summary_task(store_url, name, n_boot=n_boot, seed=seed)
 
 

@@ -15,11 +15,11 @@ _listeners: list[Listener] = []
 
 @dataclass
 class ProgressEvent:
-    stage: str          # "sweep" | "merge" | "analysis" | "done"
-    label: str          # e.g. "atlas-resnet10t-synthetic:512"
+    stage: str  # "sweep" | "merge" | "analysis" | "done"
+    label: str  # e.g. "atlas-resnet10t-synthetic:512"
     done: int
     total: int
-    rate: float         # items/s since start (0 before the first item)
+    rate: float  # items/s since start (0 before the first item)
     eta_s: float | None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -43,7 +43,7 @@ def emit(event: ProgressEvent) -> None:
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds:
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
@@ -52,7 +52,9 @@ def fmt_duration(seconds: float | None) -> str:
 class SweepProgress:
     """Counts swept images; keeps a progress artifact in the Prefect UI up to date (best effort)."""
 
-    def __init__(self, label: str, total: int, already: int = 0, *, key: str | None = None, unit: str = "images"):
+    def __init__(
+        self, label: str, total: int, already: int = 0, *, key: str | None = None, unit: str = "images"
+    ):
         self.label, self.total, self.unit = label, total, unit
         self.already = already  # done by an earlier (resumed) run: not counted in the rate
         self.done = already
@@ -60,6 +62,7 @@ class SweepProgress:
         self._artifact: Any = None
         self._key = key
         self._last_push = 0.0
+        emit(ProgressEvent("sweep", label, self.done, total, 0.0, None))
         self._push(force=True)
 
     @property
@@ -121,11 +124,12 @@ def terminal_bar(desc: str = "sweep") -> tuple[Listener, Callable[[], None]]:
         if state["label"] != ev.label or state["bar"] is None:
             close()
             state["label"] = ev.label
-            state["bar"] = tqdm(total=ev.total, initial=0, unit="img", desc=ev.label, dynamic_ncols=True)
+            state["bar"] = tqdm(
+                total=ev.total, initial=ev.done, unit="img", desc=ev.label, dynamic_ncols=True
+            )
         bar = state["bar"]
-        bar.n = ev.done
-        bar.set_postfix_str(f"{ev.rate:.0f} img/s", refresh=False)
-        bar.refresh()
+        if ev.done > bar.n:
+            bar.update(ev.done - bar.n)
         if ev.done >= ev.total:
             close()
 

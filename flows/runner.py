@@ -36,7 +36,9 @@ def gpu_count() -> int:
         return 0
 
 
-def cluster_kwargs(workers: int | None = None, *, device: str = "auto", threads: int | None = None) -> dict[str, Any]:
+def cluster_kwargs(
+    workers: int | None = None, *, device: str = "auto", threads: int | None = None
+) -> dict[str, Any]:
     """`LocalCluster` arguments sized to this machine (see the module doc)."""
     cores = cpu_count()
     gpus = gpu_count() if device in ("auto", "cuda") or device.startswith("cuda:") else 0
@@ -86,7 +88,10 @@ def make_task_runner(
         if workers is not None:
             raise RfatlasError("use either --workers (local cluster) or --dask-address (existing cluster)")
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs(workers, device=device, threads=threads))
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs=cluster_kwargs(workers, device=device, threads=threads),
+    )
 
 
 def check_dask_address(address: str, timeout: float = 5.0) -> None:

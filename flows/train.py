@@ -11,7 +11,9 @@ from rfcore.models import default_preprocessing
 from tasks.train import train_config, train_model
 
 
-def check_train_inputs(*, model: str, data: str, out: str, val_data: str | None, recipe: str, overrides: dict[str, Any] | None) -> None:
+def check_train_inputs(
+    *, model: str, data: str, out: str, val_data: str | None, recipe: str, overrides: dict[str, Any] | None
+) -> None:
     """Validate before Prefect starts: model, recipe/options, data specs, checkpoint URL."""
     from rfcore.data import open_dataset
 

@@ -210,7 +210,9 @@ def get_model(
     """Build registry model ``name`` in eval mode with ``rfatlas_meta`` attached.
 
     ``weights``: None (random init from ``seed``, global RNG untouched), a torchvision weights name
-    (``"IMAGENET1K_V1"``, ``"DEFAULT"``; downloads where online), or a checkpoint path / fsspec URL.
+    (``"IMAGENET1K_V1"``, ``"DEFAULT"``: any all-caps identifier; downloads where online), or else a
+    checkpoint path / fsspec URL (rfatlas checkpoint or bare state_dict; ``num_classes`` then defaults
+    to the checkpoint's).
     """
     entry = _entry(name)
     if num_classes is not None and num_classes < 1:

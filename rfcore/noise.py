@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from rfcore.data import ImageDataset, iter_batches, shard_ranges
 from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError
-from rfcore.inactive import BatchLike, module_at, read_inactive
+from rfcore.inactive import BatchLike, module_at, read_inactive, write_inactive
 from rfcore.models import model_meta
 from rfcore.schema import spec
 from rfcore.store import AtlasStore, redact
@@ -198,11 +198,10 @@ def evaluate(
 ) -> PerImage:
     """Validation pass under `condition`; per-image loss and accuracy (AMP only on CUDA)."""
     device = device or next(model.parameters()).device
+    check_conditions([condition])
     injector = None
     if condition != "baseline":
         injector = NoiseInjector(condition, inactive, sigma=sigma, seed=seed, block_size=block_size)
-    else:
-        check_conditions([condition])
     use_amp = amp and device.type == "cuda"
     idx: list[Tensor] = []
     losses: list[Tensor] = []
@@ -226,10 +225,7 @@ def evaluate(
             hit5.append(hits.any(dim=1))
             idx.append(batch.indices)
     if not idx:
-        empty = np.zeros(0)
-        return PerImage(
-            empty.astype(np.int64), empty.astype(np.float32), empty.astype(bool), empty.astype(bool)
-        )
+        return PerImage(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, bool))
     return PerImage(
         indices=torch.cat(idx).numpy().astype(np.int64),
         loss=torch.cat(losses).cpu().numpy().astype(np.float32),
@@ -333,25 +329,30 @@ def prepare_noise(
     conditions: Iterable[str],
     sigma: float,
     seed: int,
+    threshold: float = 0.0,
 ) -> list[tuple[str, int]]:
-    """Record the noise config in `noise/<layer>` attrs and create its arrays; return the pending
-    (condition, shard) pairs. ConfigMismatchError if earlier results used another config."""
+    """Detect the inactive channels if not yet done at `threshold`, record the noise config in
+    `noise/<layer>` attrs, create the arrays; return the pending (condition, shard) pairs.
+    ConfigMismatchError (before anything is written) if earlier results used another config."""
     conds = check_conditions(conditions)
-    inactive, attrs = read_inactive(store, layer)
+    node = store.root.get(f"noise/{layer}")
+    old = _attrs(node).get("config") if isinstance(node, zarr.Group) else None
     config: dict[str, Any] = {
         "sigma": float(sigma),
         "seed": int(seed),
-        "threshold": float(attrs["threshold"]),
-        "inactive": np.flatnonzero(inactive).tolist(),
+        "threshold": float(threshold),
         "block_size": int(store.run["config"]["batch_size"]),
     }
+    try:
+        inactive, attrs = read_inactive(store, layer)
+        if float(attrs["threshold"]) != config["threshold"]:
+            raise LookupError
+    except (StoreError, LookupError):
+        _check_config(store, layer, old, config)
+        inactive = write_inactive(store, layer, threshold)
+    config["inactive"] = np.flatnonzero(inactive).tolist()
+    _check_config(store, layer, old, config)
     group = store.root.require_group("noise").require_group(layer)
-    old = _attrs(group).get("config")
-    if old is not None and old != config:
-        diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in config.items() if old.get(k) != v)
-        raise ConfigMismatchError(
-            f"noise/{layer} in {redact(store.url)} was computed with another config ({diff}); use another atlas"
-        )
     group.attrs["config"] = config
     n_shards = store.num_shards
     pending = []
@@ -360,6 +361,15 @@ def prepare_noise(
         done = store.done_keys(f"noise/{layer}/{cond}")
         pending += [(cond, s) for s in range(n_shards) if shard_key(layer, cond, s) not in done]
     return pending
+
+
+def _check_config(store: AtlasStore, layer: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+    diff = [f"{k} {old.get(k)} -> {v}" for k, v in new.items() if old is not None and old.get(k) != v]
+    if diff:
+        raise ConfigMismatchError(
+            f"noise/{layer} in {redact(store.url)} was computed with another config "
+            f"({', '.join(diff)}); use another atlas"
+        )
 
 
 def noise_shard(

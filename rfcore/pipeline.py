@@ -228,6 +228,7 @@ def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     store = AtlasStore.open(store_url, "r+")
     if store.is_done(f"merge/{layer}"):
+        store.remove("partial", layer=layer)  # in case an earlier run stopped right after its marker
         return {"layer": layer, "seconds": 0.0, "cached": True}
     missing = [s for s in range(store.num_shards) if not store.is_done(sweep_shard_key(s))]
     if missing:

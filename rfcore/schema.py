@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import string
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -292,4 +293,4 @@ def update_schema_doc(path: str) -> None:
 
 
 if __name__ == "__main__":
-    update_schema_doc("docs/atlas-schema.md")
+    update_schema_doc(os.path.join(os.path.dirname(__file__), os.pardir, "docs", "atlas-schema.md"))

@@ -8,8 +8,9 @@ dataset size) and merging states is exact in any order:
 
 * top-k: a total order on (value desc, dataset index asc), so ties go to the lower index;
 * spatial argmax: first occurrence in flat (y * W + x) order (torch's documented `max` behaviour);
-* patch sums: int64; activation sums: fixed point, `round(sum_float64 * 2**FIXED_POINT_BITS)` per
-  batch and channel (resolution 2**-20 per batch), added as int64.
+* patch sums: int64; activation sums: fixed point, `round(sum * 2**FIXED_POINT_BITS)` per batch and
+  channel, added as int64, where `sum` adds float32 row sums (over x, cascade-summed by torch) in
+  float64 (resolution 2**-20 per batch; rounding of each row sum ~1e-7 relative).
 
 Patches are kept at most `patch_max` pixels a side by sum-pooling the input by a power of two `f`
 (`patch_geometry`); mean stimuli are reported in uint8 pixel units.
@@ -208,7 +209,7 @@ class LayerReducer:
         images: Tensor,
         indices: Tensor,
         *,
-        pooled: dict[tuple[int, int, int, bool], Tensor] | None = None,
+        pooled: dict[tuple[int, int, int, torch.dtype], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Feed one batch: `acts` (B,C,H,W), uint8 `images` (B,3,S,S), increasing dataset `indices`
         (B,). `pooled` caches pooled images across the layers of one batch. Returns the per-image
@@ -219,14 +220,15 @@ class LayerReducer:
         acts = acts.to(self.device, torch.float32)
         images = images.to(self.device)
         indices = indices.to(self.device, torch.int64)
-        mx, arg = acts.flatten(2).max(dim=2)
+        flat = acts.flatten(2)
+        mx, arg = flat.max(dim=2)
         self._add_topk(mx, arg, indices, w)
         positive = mx > 0
         self.positive_count += positive.sum(dim=0)
         self.max = torch.maximum(self.max, mx.amax(dim=0))
-        s = acts.sum(dim=(0, 2, 3), dtype=torch.float64)
+        s = acts.sum(dim=3).to(torch.float64).sum(dim=(0, 2))  # rows (over x) in float32, then float64
         self.sum_fixed += torch.round(s * _FIXED_SCALE).to(torch.int64)
-        self.zero_count += (acts == 0).sum(dim=(0, 2, 3))
+        self.zero_count += (flat == 0).sum(dim=2, dtype=torch.int32).sum(dim=0)
         self.position_count += b * h * w
         self._add_patches(images, positive, arg, (h, w), {} if pooled is None else pooled)
         return mx, arg
@@ -253,31 +255,34 @@ class LayerReducer:
         positive: Tensor,
         arg: Tensor,
         grid: tuple[int, int],
-        pooled: dict[tuple[int, int, int, bool], Tensor],
+        pooled: dict[tuple[int, int, int, torch.dtype], Tensor],
     ) -> None:
         """Add the patch of every (image, channel) with a positive max to `stimulus_sum`.
 
         Two exact gathers, picked by cost: "rows" cuts every patch row of every unit position once
         (`unfold` along x, B*3*rows*W*ew values) and sums each channel's rows over the batch with
         `embedding_bag` (float32, exact for integers below 2**24); "windows" gathers the (C,B)
-        windows directly (int32) and sums them; it wins when feature maps are large and channels few.
+        windows directly (int16 when f <= 8, else int32) and sums them in int32; it wins when
+        feature maps are large and channels few.
         """
         plan = self._plans.get(grid)
         if plan is None:
             plan = self._plans[grid] = _plan(self.geometry, grid)
         eh, ew = plan.extent
-        if eh == 0 or ew == 0 or not bool(positive.any()):
-            return  # every patch lies entirely outside the image, or nothing is positive
+        if eh == 0 or ew == 0:
+            return  # every patch lies entirely outside the image
         geo, c = self.geometry, self.channels
         f = geo.factor
         h, w = grid
         (sy, sx), (ty, tx) = plan.start, plan.step
         rows, cols = (h - 1) * ty + eh, (w - 1) * tx + ew
         use_rows = rows * w <= c * eh if self.gather == "auto" else self.gather == "rows"
-        key = (f, *geo.phase, use_rows)
+        # rows: float32 for embedding_bag; windows: the narrowest exact integer type (less to move)
+        dtype = torch.float32 if use_rows else torch.int16 if 255 * f * f < 2**15 else torch.int32
+        key = (f, *geo.phase, dtype)
         img = pooled.get(key)
         if img is None:
-            img = pooled[key] = pool_images(images, f, geo.phase, torch.float32 if use_rows else torch.int32)
+            img = pooled[key] = pool_images(images, f, geo.phase, dtype)
         if any(plan.pad):
             img = F.pad(img, plan.pad)
         img = img[:, :, sy : sy + rows, sx : sx + cols]
@@ -293,8 +298,8 @@ class LayerReducer:
             offs = (offs * w).view(1, 3 * eh, 1)
             for b0 in range(0, b, chunk):
                 n = min(chunk, b - b0)
-                table = img[b0 : b0 + n].unfold(3, ew, tx).reshape(-1, ew)
-                table = torch.cat([table, table.new_zeros(1, ew)])
+                table = img.new_zeros(n * 3 * rows * w + 1, ew)  # every row segment, then a zero row
+                table[:-1].view(n, 3, rows, w, ew).copy_(img[b0 : b0 + n].unfold(3, ew, tx))
                 local = torch.arange(n, device=self.device).view(1, n)
                 base = (local * 3 * rows + y[:, b0 : b0 + n] * ty) * w + x[:, b0 : b0 + n]
                 idx = base.view(c, 1, n) + offs
@@ -500,11 +505,11 @@ class SweepRunner:
         with torch.inference_mode(), capture(self.model, list(self.reducers), stop_early=True) as cap:
             with amp_context(self.device, self.amp):
                 outputs = cap.run(self.preprocessing.normalize(images))
-            pooled: dict[tuple[int, int, int, bool], Tensor] = {}
-            maxima = {
-                n: r.add(outputs[n], images, indices, pooled=pooled)[0] for n, r in self.reducers.items()
-            }
-        return {n: m.cpu() for n, m in maxima.items()}
+            pooled: dict[tuple[int, int, int, torch.dtype], Tensor] = {}
+            maxima = [r.add(outputs[n], images, indices, pooled=pooled)[0] for n, r in self.reducers.items()]
+        host = torch.cat(maxima, dim=1).cpu()  # one device-to-host copy per batch
+        sizes = [r.channels for r in self.reducers.values()]
+        return dict(zip(self.reducers, torch.split(host, sizes, dim=1), strict=True))
 
 
 def sweep_dataset(

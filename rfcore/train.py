@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from rfcore.data import BadImageError, ImageDataset, iter_batches, open_dataset
 from rfcore.errors import DataError, RfatlasError
@@ -62,16 +63,17 @@ class TrainConfig:
 
     @classmethod
     def quick(cls) -> TrainConfig:
-        """A ~1 minute CPU recipe for the tiny models on the synthetic data (tests, demo).
+        """A CPU-minute recipe for the tiny models on the synthetic data (tests, demo).
 
-        Larger lr with a short step schedule, small batches, a milder crop (the classes differ in
-        spatial frequency, which strong zoom would blur) and no flip (a mirrored 45° grating is a 135° one).
+        Measured on 384 ``synthetic-train`` images (48 steps): 81 % val accuracy for plainnet10t (chance
+        10 %). Small batches with a larger lr and a short step schedule; a milder crop (the classes differ
+        in spatial frequency, which strong zoom changes) and no flip (a mirrored 45° grating is a 135° one).
         """
         return cls(
-            epochs=6,
-            batch_size=64,
-            lr=0.1,
-            lr_step_epochs=4,
+            epochs=4,
+            batch_size=32,
+            lr=0.05,
+            lr_step_epochs=3,
             crop_scale=(0.5, 1.0),
             hflip=False,
             num_workers=0,
@@ -138,7 +140,10 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 def evaluate(
     model: nn.Module, data_spec: str, *, device: str | torch.device = "auto", batch_size: int = 256
 ) -> float:
-    """Top-1 accuracy of a :func:`~rfcore.models.get_model` model on ``data_spec`` (eval mode, centre crops)."""
+    """Top-1 accuracy of a :func:`~rfcore.models.get_model` model on ``data_spec``.
+
+    Eval mode, centre crops, float32 (no autocast), so the number matches what the atlas sweeps see.
+    """
     dev = device if isinstance(device, torch.device) else select_device(device)
     meta = model_meta(model)
     pre = meta.preprocessing
@@ -146,7 +151,6 @@ def evaluate(
     if ds.num_classes != meta.num_classes:
         raise DataError(f"{data_spec} has {ds.num_classes} classes, {meta.name} predicts {meta.num_classes}")
     cuda = dev.type == "cuda"
-    amp = _amp_dtype("auto", dev)
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -154,9 +158,7 @@ def evaluate(
         for batch in iter_batches(ds, range(len(ds)), batch_size, pin_memory=cuda):
             if len(batch.labels) == 0:
                 continue
-            images = batch.images.to(dev, non_blocking=cuda)
-            with _autocast(dev, amp):
-                logits = model(pre.normalize(images))
+            logits = model(pre.normalize(batch.images.to(dev, non_blocking=cuda)))
             correct += int((logits.argmax(1).cpu() == batch.labels).sum())
             total += len(batch.labels)
     model.train(was_training)
@@ -182,8 +184,6 @@ def train(
     device with the model's preprocessing. Validation (``val_spec``, centre crops) runs once at the end;
     its accuracy goes into the checkpoint's metrics. The global RNGs are left untouched.
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     dev = select_device(device)
     cuda = dev.type == "cuda"
@@ -193,6 +193,12 @@ def train(
         raise DataError(f"{data_spec}: training needs labelled data with at least 2 classes")
     if len(train_ds) < config.batch_size:
         raise DataError(f"{data_spec}: {len(train_ds)} images, fewer than one batch of {config.batch_size}")
+    if val_spec is not None:  # fail before training, not after it
+        val_classes = open_dataset(val_spec, size=pre.size, resize=pre.resize).num_classes
+        if val_classes != train_ds.num_classes:
+            raise DataError(
+                f"{val_spec} has {val_classes} classes but {data_spec} has {train_ds.num_classes}"
+            )
     model = get_model(model_name, num_classes=train_ds.num_classes, seed=seed).to(dev)
     if cuda:
         model = model.to(memory_format=torch.channels_last)

@@ -13,11 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from prefect import task
-from prefect.logging import get_run_logger
 
 from rfcore import pipeline
-from rfcore.store import redact
-from tasks.policy import GPU_TAG, TASK_OPTIONS
+from tasks.policy import GPU_TAG, TASK_OPTIONS, task_logger
 from tasks.runtime import cached_dataset, cached_model, configure_threads_from_env
 
 
@@ -64,7 +62,12 @@ def prepare_store(
     }
 
 
-@task(name="sweep-shard", task_run_name="sweep[shard={shard:04d}/{num_shards:04d}]", tags=[GPU_TAG], **TASK_OPTIONS)
+@task(
+    name="sweep-shard",
+    task_run_name="sweep[shard={shard:04d}/{num_shards:04d}]",
+    tags=[GPU_TAG],
+    **TASK_OPTIONS,
+)
 def sweep_shard(
     store_url: str,
     shard: int,
@@ -89,7 +92,7 @@ def sweep_shard(
     out = pipeline.sweep_shard(store_url, shard, model=net, dataset=dataset, device=device)
     out.update(worker=_where(), load_seconds=load, threads=threads)
     if not out["cached"]:
-        get_run_logger().info(
+        task_logger().info(
             "shard %d/%d: %d images in %.2f s on %s (%d skipped)",
             shard, num_shards, out["images"], out["seconds"], out["worker"], len(out["skipped"]),
         )  # fmt: skip
@@ -100,19 +103,16 @@ def sweep_shard(
 def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
     """Partials of every shard → the layer's final top-k, mean stimulus and stats."""
     out = pipeline.merge_layer(store_url, layer)
-    get_run_logger().info("merged %s in %.2f s", layer, out["seconds"])
+    task_logger().info("merged %s in %.2f s", layer, out["seconds"])
     return out
 
 
 @task(name="crop-patches", task_run_name="crop[layer={layer}]", **TASK_OPTIONS)
-def crop_patches(store_url: str, layer: str, *, data: str, image_size: int, resize: int | None) -> dict[str, Any]:
+def crop_patches(
+    store_url: str, layer: str, *, data: str, image_size: int, resize: int | None
+) -> dict[str, Any]:
     """Top-k patches of a merged layer; re-reads only the winning images."""
     configure_threads_from_env()
     out = pipeline.crop_patches(store_url, layer, dataset=cached_dataset(data, image_size, resize))
-    get_run_logger().info("cropped %s: %d images re-read in %.2f s", layer, out["images"], out["seconds"])
+    task_logger().info("cropped %s: %d images re-read in %.2f s", layer, out["images"], out["seconds"])
     return out
-
-
-def redacted(url: str) -> str:
-    """A URL safe for logs and artifacts."""
-    return redact(url)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import task
 
 from rfcore.inactive import write_inactive
 from rfcore.models import select_device
-from rfcore.noise import noise_shard, summarize_store
+from rfcore.noise import noise_shard, prepare_noise, summarize_store
 from rfcore.store import AtlasStore
 from tasks.policy import GPU_TAG, TASK_OPTIONS
 from tasks.runtime import cached_dataset, cached_model, configure_threads_from_env
@@ -19,6 +20,15 @@ def detect_inactive_task(store_url: str, layer: str, threshold: float = 0.0) -> 
     """Write `layers/<layer>/inactive` from the sweep's max; return the inactive channels."""
     inactive = write_inactive(AtlasStore.open(store_url, "r+"), layer, threshold)
     return {"layer": layer, "threshold": threshold, "inactive": [int(i) for i in inactive.nonzero()[0]]}
+
+
+@task(name="noise-prepare", task_run_name="noise-prepare[layer={layer}]", **TASK_OPTIONS)
+def prepare_noise_task(
+    store_url: str, layer: str, conditions: Sequence[str], sigma: float, seed: int, threshold: float
+) -> list[tuple[str, int]]:
+    """Inactive channels (if needed), noise config and arrays; the pending (condition, shard) pairs."""
+    store = AtlasStore.open(store_url, "r+")
+    return prepare_noise(store, layer, conditions=conditions, sigma=sigma, seed=seed, threshold=threshold)
 
 
 @task(

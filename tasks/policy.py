@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prefect.cache_policies import NO_CACHE
@@ -38,6 +39,17 @@ _TRANSIENT_NAMES = frozenset(
         "StreamClosedError",
     }
 )
+
+
+def task_logger() -> Any:
+    """The Prefect run logger inside a task run (shows in the UI); a plain logger under `.fn()`."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("rfatlas.tasks")
 
 
 def is_transient(exc: BaseException | None) -> bool:

@@ -6,11 +6,10 @@ import dataclasses
 from typing import Any
 
 from prefect import task
-from prefect.logging import get_run_logger
 
 from rfcore.train import TrainConfig
 from rfcore.train import train as _train
-from tasks.policy import GPU_TAG, TASK_OPTIONS
+from tasks.policy import GPU_TAG, TASK_OPTIONS, task_logger
 from tasks.runtime import configure_threads_from_env
 
 
@@ -45,10 +44,17 @@ def train_model(
     threads = configure_threads_from_env()
     config = train_config(recipe, **(overrides or {}))
     result = _train(
-        model, data, out_url=out_url, config=config, val_spec=val_data, device=device, seed=seed, progress=False
+        model,
+        data,
+        out_url=out_url,
+        config=config,
+        val_spec=val_data,
+        device=device,
+        seed=seed,
+        progress=False,
     )
     out = {"model": model, **dataclasses.asdict(result), "threads": threads}
-    get_run_logger().info(
+    task_logger().info(
         "trained %s: val accuracy %s, loss %.3f, %d epochs in %.0f s",
         model, out["val_accuracy"], out["train_loss"], out["epochs"], out["seconds"],
     )  # fmt: skip

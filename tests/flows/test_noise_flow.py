@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 import zarr
+from prefect.artifacts import create_markdown_artifact
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.noise import compare, inactive_analysis, noise_analysis, register_cli
@@ -82,6 +83,9 @@ def test_inactive_then_noise_flow_detects_stores_and_resumes(tmp_path: Path, che
     assert per_image(url, "all")["loss"].tobytes() == before["loss"].tobytes()
     with pytest.raises(ConfigMismatchError, match=r"sigma 1\.0 -> 2\.0"):
         noise_analysis(url, sigma=2.0, device="cpu")
+    with pytest.raises(ConfigMismatchError, match=r"threshold 0\.0 -> 0\.5"):
+        noise_analysis(url, threshold=0.5, device="cpu")
+    assert read_inactive(AtlasStore.open(url, "r"), "maxpool")[1]["threshold"] == 0.0  # left as it was
 
 
 def test_shards_merged_equal_one_pass(tmp_path: Path, checkpoint: str) -> None:
@@ -108,17 +112,26 @@ def test_task_fn_evaluates_one_shard(tmp_path: Path, checkpoint: str) -> None:
 
 
 def test_compare_flow_cli_and_errors(
-    tmp_path: Path, checkpoint: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, checkpoint: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     res = make_store(str(tmp_path / "res.zarr"), checkpoint, shard_size=48)
     plain = make_store(str(tmp_path / "plain.zarr"), None, shard_size=48, model_name="plainnet10t")
     noise_analysis(res, device="cpu")
     noise_analysis(plain, device="cpu")
+    recorded: list[dict[str, Any]] = []
+
+    def spy(**kw: Any) -> Any:
+        recorded.append(kw)
+        return create_markdown_artifact(**kw)
+
+    monkeypatch.setattr("flows.noise.create_markdown_artifact", spy)
     table = compare([res, plain])
     lines = table.splitlines()
     assert lines[0].startswith("| model | layer | # inactive | ΔL") and len(lines) == 4
     assert lines[2].startswith("| resnet10t (dead.pt) | maxpool | 3 |")
     assert lines[3].startswith("| plainnet10t | maxpool | ")
+
+    assert recorded and recorded[0]["key"] == "noise-compare" and table in recorded[0]["markdown"]
 
     parser = argparse.ArgumentParser(prog="rfatlas")
     register_cli(parser.add_subparsers(dest="command"))

@@ -70,6 +70,7 @@ def _randomize_bn(model: nn.Module) -> None:
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None
             m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
@@ -81,7 +82,7 @@ def test_plainnet_block_has_no_skip_and_resnet_block_has_one(block_name: str) ->
     for name in TINY:
         model = get_model(name)
         _randomize_bn(model)
-        block = model.get_submodule(block_name)
+        block: Any = model.get_submodule(block_name)  # a torchvision BasicBlock (untyped)
         x = torch.randn(2, block.conv1.in_channels, 8, 8)
         with torch.no_grad():
             main = block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x)))))

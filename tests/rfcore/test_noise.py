@@ -53,9 +53,11 @@ def make_net(*, downstream: str = "wired") -> nn.Sequential:
     with torch.no_grad():
         conv1, conv2 = cast(nn.Conv2d, net[0]), cast(nn.Conv2d, net[3])
         fc = cast(nn.Linear, net[7])
-        conv1.bias.fill_(0.2)
+        bias = conv1.bias
+        assert bias is not None
+        bias.fill_(0.2)
         conv1.weight[list(DEAD)] = 0.0
-        conv1.bias[list(DEAD)] = -1.0
+        bias[list(DEAD)] = -1.0
         conv2.weight[:, list(DEAD)] = 0.0
         if downstream == "wired":
             conv2.weight[0, list(DEAD), 1, 1] = 3.0
@@ -248,3 +250,23 @@ def test_injector_acts_only_in_its_own_thread() -> None:
     t.start()
     t.join()
     assert seen == [None] and inj(nn.Identity(), (), out) is not None
+
+
+@pytest.mark.needs_cuda
+def test_cuda_amp_path_matches_cpu_noise_and_is_shard_exact() -> None:
+    cuda = torch.device("cuda")
+    idx = torch.arange(100, 164)
+    z_cpu = image_normal(idx, (3, 7, 7), seed=2, stream=1)
+    z_gpu = image_normal(idx.to(cuda), (3, 7, 7), seed=2, stream=1).cpu()
+    torch.testing.assert_close(z_gpu, z_cpu, rtol=1e-5, atol=1e-5)  # same integer hash on both devices
+    net = make_net().to(cuda)
+    images, labels = data()
+    pinned = [FakeBatch(b.images.pin_memory(), b.labels.pin_memory(), b.indices.pin_memory())
+              for b in batches(images, labels, range(48), 8)]  # fmt: skip
+    kw: dict[str, Any] = {"inactive": dead_mask(), "normalize": normalize, "block_size": 8, "device": cuda}
+    whole = {c: evaluate(net, "2", pinned, condition=c, **kw) for c in CONDITIONS}
+    parts = [evaluate(net, "2", pinned[i : i + 2], condition="random-one", **kw) for i in range(0, 6, 2)]
+    assert np.concatenate([p.loss for p in parts]).tobytes() == whole["random-one"].loss.tobytes()
+    assert whole["all"].loss.mean() > whole["baseline"].loss.mean()  # the wired dead channels matter
+    fp32 = evaluate(net, "2", pinned, condition="all", amp=False, **kw)
+    np.testing.assert_allclose(fp32.loss, whole["all"].loss, rtol=0.05, atol=0.05)  # AMP bf16 ≈ fp32
