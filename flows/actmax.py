@@ -82,7 +82,9 @@ def quick_look_store(url: str, model: str, weights: str | None, layer: str) -> A
 
 def _cmd_actmax(args: argparse.Namespace) -> int:
     quick_look_store(args.out, args.model, args.weights, args.layer)
-    overrides = {"steps": args.steps} if args.steps else {}
+    overrides: dict[str, Any] = {"steps": args.steps} if args.steps else {}
+    if args.init:
+        overrides["init"] = args.init
     res = actmax_analysis(
         args.out, layers=[args.layer], channels=args.channels, objectives=args.objectives.split(","),
         preset=args.preset, overrides=overrides, block_size=args.block_size, device=args.device,
@@ -106,6 +108,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--objectives", default="neuron,channel", help="comma-separated: neuron, channel")
     p.add_argument("--preset", default="kobayashi2020", choices=sorted(am.PRESETS))
     p.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
+    p.add_argument("--init", choices=["zero", "random"], default=None,
+                   help="override the preset's start image (an untrained net with zero BN biases maps "
+                   "the zero image to all-zero activations, a stationary point: use random)")
     p.add_argument("--block-size", type=int, default=64, help="channels per task (one batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -323,7 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help (0) or a usage error (2, one line already printed)
+            return int(e.code) if isinstance(e.code, int) else EXIT_BAD_INPUT
         code = args.func(args)
         return int(code or 0)
     except RfatlasError as e:

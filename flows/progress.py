@@ -103,8 +103,10 @@ class SweepProgress:
                 self._artifact = create_progress_artifact(pct, key=self._key, description=self.description())
             else:
                 update_progress_artifact(self._artifact, pct, description=self.description())
-        except Exception:  # the UI's progress is best effort, never a reason to fail a sweep
-            pass
+        except Exception as e:  # the UI's progress is best effort, never a reason to fail a sweep
+            import logging
+
+            logging.getLogger("rfatlas.progress").warning("progress artifact not updated: %s", e)
 
 
 def terminal_bar(desc: str = "sweep") -> tuple[Listener, Callable[[], None]]:

@@ -233,8 +233,9 @@ def _objective(act: Tensor, rows: Tensor, objective: str) -> Tensor:
 
 
 def _penalty(x: Tensor, config: ActmaxConfig) -> Tensor:
-    norm_sq = x.flatten(1).pow(2).sum(dim=1)
-    return config.lam * (norm_sq if config.penalty == "l2sq" else norm_sq.sqrt())
+    """Per-image λ‖x‖₂ or λ‖x‖² (vector_norm's gradient at x = 0 is 0, not NaN: the zero image is fine)."""
+    norm: Tensor = torch.linalg.vector_norm(x.flatten(1), dim=1)
+    return config.lam * (norm.square() if config.penalty == "l2sq" else norm)
 
 
 def rf_crop(image: Tensor, box: Box) -> Tensor:
@@ -266,9 +267,12 @@ def actmax(
     objective: str = "channel",
     config: ActmaxConfig | None = None,
     seed: int = 0,
+    micro_batch: int | None = None,
 ) -> ActmaxResult:
     """Maximize `objective` ('neuron': the centre unit; 'channel': the mean over the map) of every
-    channel in `channels` of `layer`, all in one batch, on the model's device."""
+    channel in `channels` of `layer`, all in one batch, on the model's device. `micro_batch` splits
+    the forward/backward of a step into groups of that many images (same result; default: 8 on CPU,
+    where large batches run out of cache, the whole batch elsewhere)."""
     cfg = config if config is not None else PRESETS["kobayashi2020"]
     if objective not in OBJECTIVES:
         raise ActmaxError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
@@ -284,6 +288,8 @@ def actmax(
     optimizer = torch.optim.Adam([image.param], lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     trace = torch.empty(cfg.steps, len(channels), device=device)
+    micro = micro_batch or (8 if device.type == "cpu" else len(channels))
+    chunks = [slice(lo, lo + micro) for lo in range(0, len(channels), micro)]
     with _model_lock(model):
         frozen = [p for p in model.parameters() if p.requires_grad]
         for p in frozen:
@@ -293,25 +299,35 @@ def actmax(
                 for step in range(cfg.steps):
                     optimizer.zero_grad(set_to_none=True)
                     x = image.render()
-                    with amp:
-                        act = cap.run(_transform(x, cfg, gens, grey).contiguous(memory_format=CHANNELS_LAST))[layer]
-                    if step == 0 and (min(channels) < 0 or max(channels) >= act.shape[1]):
-                        raise ActmaxError(f"channels must be in 0-{act.shape[1] - 1} for layer {layer!r}")
-                    value = _objective(act, rows, objective)
-                    loss = (_penalty(x, cfg) - value).sum() if cfg.lam else -value.sum()
-                    torch.autograd.backward(loss)
+                    leaf = x.detach().requires_grad_(True)  # micro-batches accumulate into leaf.grad
+                    values = []
+                    for sl in chunks:
+                        with amp:
+                            act = cap.run(_transform(leaf[sl], cfg, gens[sl], grey).contiguous(memory_format=CHANNELS_LAST))[layer]
+                        if step == 0 and (min(channels) < 0 or max(channels) >= act.shape[1]):
+                            raise ActmaxError(f"channels must be in 0-{act.shape[1] - 1} for layer {layer!r}")
+                        value = _objective(act, rows[sl], objective)
+                        loss = (_penalty(leaf[sl], cfg) - value).sum() if cfg.lam else -value.sum()
+                        torch.autograd.backward(loss)
+                        values.append(value.detach())
+                    torch.autograd.backward(x, leaf.grad)
                     optimizer.step()
-                    trace[step] = value.detach()
+                    trace[step] = torch.cat(values)
                 with torch.no_grad(), amp:
-                    act = cap.run(image.render().contiguous(memory_format=CHANNELS_LAST))[layer]
-                    final = _objective(act, rows, objective).cpu()
+                    x = image.render().contiguous(memory_format=CHANNELS_LAST)
+                    finals = []
+                    for sl in chunks:
+                        act = cap.run(x[sl])[layer]
+                        finals.append(_objective(act, rows[sl], objective))
+                    final = torch.cat(finals).cpu()
                     rgb = image.rgb().float().cpu()
         finally:
             for p in frozen:
                 p.requires_grad_(True)
         position = box = crop = None
         if objective == "neuron":
-            position = (act.shape[2] // 2, act.shape[3] // 2)
+            height, width = act.shape[2:] if act.dim() == 4 else (1, 1)
+            position = (height // 2, width // 2)
             rfs = receptive_fields(model, input_size=size)
             if layer not in rfs:
                 raise UnknownLayerError(f"no receptive field known for layer {layer!r}")

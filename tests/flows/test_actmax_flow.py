@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from prefect.testing.utilities import prefect_test_harness
 
 import rfcore.actmax as am
 from flows.actmax import actmax_analysis, quick_look_store, register_cli
@@ -24,11 +23,11 @@ LAYER = "layer1.0.conv1"  # 16 channels, 16×16 map on the 64 px input
 
 
 @pytest.fixture(scope="module", autouse=True)
-def harness() -> Iterator[None]:
+def harness(prefect_harness: None) -> Iterator[None]:
+    """The session's Prefect harness; one torch thread (tiny convs on a shared 2-core machine)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs on a shared 2-core machine
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    torch.set_num_threads(1)
+    yield
     torch.set_num_threads(threads)
 
 
@@ -119,6 +118,8 @@ def test_cli_quick_look(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
             "2",
             "--objectives",
             "channel",
+            "--init",
+            "random",
             "--device",
             "cpu",
             "--out",
@@ -127,7 +128,8 @@ def test_cli_quick_look(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     )
     assert args.func(args) == 0
     assert "conv1 channels 0-3" in capsys.readouterr().out
-    assert not np.isnan(AtlasStore.open(url).root["layers/conv1/actmax/channel/activation"][:4]).any()
+    group = AtlasStore.open(url).root["layers/conv1/actmax/channel"]
+    assert not np.isnan(group["activation"][:4]).any() and group.attrs["config"]["init"] == "random"
     other = parser.parse_args(["actmax", "--model", "resnet18", "--layer", "conv1", "--out", url])
     with pytest.raises(ConfigMismatchError, match="holds resnet10t"):
         other.func(other)

@@ -70,6 +70,15 @@ def test_linear_unit_reaches_the_analytic_optimum() -> None:
     assert res.trace.shape == (1, 400) and float(res.trace[0, 0]) == 0.0
 
 
+def test_l2_penalty_of_eq2_from_the_zero_image_stays_finite() -> None:
+    """λ‖x‖₂ has no gradient at x = 0; the run must take the zero subgradient, not NaN."""
+    model = get_model("resnet10t")
+    cfg = preset("kobayashi2020", lam=0.01, penalty="l2", steps=5, size=SIZE)
+    res = actmax(model, "conv1", [0, 1], objective="channel", config=cfg)
+    assert torch.isfinite(res.image).all() and torch.isfinite(res.trace).all()
+    assert torch.all(res.activation > 0)
+
+
 @pytest.mark.parametrize("name", ["kobayashi2020", "lucid"])
 @pytest.mark.parametrize("objective", ["neuron", "channel"])
 def test_batched_and_single_channel_runs_agree(name: str, objective: str) -> None:
@@ -83,6 +92,9 @@ def test_batched_and_single_channel_runs_agree(name: str, objective: str) -> Non
         torch.testing.assert_close(alone.activation[0], batch.activation[i], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(alone.trace[0], batch.trace[i], rtol=1e-4, atol=1e-4)
     assert batch.image.shape == (4, 3, SIZE, SIZE) and batch.trace.shape == (4, 6)
+    split = actmax(model, "layer2.0", channels, objective=objective, config=cfg, seed=7, micro_batch=3)
+    torch.testing.assert_close(split.image, batch.image, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(split.trace, batch.trace, rtol=1e-4, atol=1e-4)
     again = actmax(model, "layer2.0", channels, objective=objective, config=cfg, seed=7)
     assert torch.equal(again.image, batch.image)
     if name == "lucid":  # random init and transforms: another seed gives other images

@@ -19,6 +19,14 @@ MODEL, DATA, N, BATCH, K = "resnet10t", "synthetic:24", 24, 6, 4
 LAYERS = "conv1,layer1.0,layer4.0"  # layer4.0: RF 195 px > patch_max, pooled by 4
 
 
+def read(url: str, path: str) -> np.ndarray:
+    return np.asarray(zarr.open_array(url, path=path, mode="r")[...])
+
+
+def attrs(url: str, path: str = "") -> dict[str, Any]:
+    return dict(zarr.open_group(url, path=path, mode="r").attrs.asdict())
+
+
 def arrays(url: str) -> dict[str, np.ndarray]:
     root = zarr.open_group(url, mode="r")
     out: dict[str, np.ndarray] = {}
@@ -68,7 +76,7 @@ def one_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_one_shard_equals_four_shards(one_shard: str, tmp_path: Path) -> None:
     url = str(tmp_path / "four")
     sweep(url, 5)  # rounded up to 6 = one batch: 4 shards
-    assert zarr.open_group(url, mode="r").attrs["run"]["config"]["shard_size"] == BATCH
+    assert attrs(url)["run"]["config"]["shard_size"] == BATCH
     assert_same_arrays(one_shard, url)
 
 
@@ -107,25 +115,30 @@ def test_store_matches_in_memory_reducers(one_shard: str) -> None:
     model = get_model(MODEL)
     ds = open_dataset(DATA, size=64)
     reducers = sweep_dataset(model, ds, LAYERS, SweepConfig(k=K, batch_size=BATCH, device="cpu"))
-    root = zarr.open_group(one_shard, mode="r")
     for name, red in reducers.items():
         res = red.result()
-        g = root[f"layers/{name}"]
-        assert g.attrs["complete"] is True
-        assert g.attrs["patch"]["factor"] == red.geometry.factor
-        np.testing.assert_array_equal(g["topk/image"][...], res.topk_image)
-        np.testing.assert_array_equal(g["topk/value"][...], res.topk_value)
-        np.testing.assert_array_equal(g["topk/y"][...], res.topk_y)
-        np.testing.assert_array_equal(g["topk/x"][...], res.topk_x)
-        np.testing.assert_array_equal(g["mean_stimulus"][...], res.mean_stimulus)
-        for stat in ("positive_count", "max", "mean", "zero_fraction"):
-            np.testing.assert_array_equal(g[stat][...], getattr(res, stat), err_msg=stat)
-        act = g["activation"][...]
+        layer = f"layers/{name}"
+        assert attrs(one_shard, layer)["complete"] is True
+        assert attrs(one_shard, layer)["patch"]["factor"] == red.geometry.factor
+        for path, want in (
+            ("topk/image", res.topk_image),
+            ("topk/value", res.topk_value),
+            ("topk/y", res.topk_y),
+            ("topk/x", res.topk_x),
+            ("mean_stimulus", res.mean_stimulus),
+            ("positive_count", res.positive_count),
+            ("max", res.max),
+            ("mean", res.mean),
+            ("zero_fraction", res.zero_fraction),
+        ):
+            np.testing.assert_array_equal(read(one_shard, f"{layer}/{path}"), want, err_msg=path)
+        act = read(one_shard, f"{layer}/activation")
         np.testing.assert_array_equal(act.max(axis=0), res.max)
         top = res.topk_image[:, 0]
         np.testing.assert_array_equal(act[top, np.arange(len(top))], res.topk_value[:, 0])
-        assert g["topk/patch"].shape == (red.channels, K, 3, red.geometry.size, red.geometry.size)
-    assert root["layers/layer4.0"].attrs["patch"]["factor"] == 4
+        shape = (red.channels, K, 3, red.geometry.size, red.geometry.size)
+        assert read(one_shard, f"{layer}/topk/patch").shape == shape
+    assert attrs(one_shard, "layers/layer4.0")["patch"]["factor"] == 4
 
 
 class Flaky(ImageDataset):
@@ -160,7 +173,7 @@ def test_skipped_images_are_nan_rows_and_reported(tmp_path: Path) -> None:
     out = sweep_shard(url, 0, model=get_model(MODEL), dataset=ds, device="cpu")
     want = [{"index": 4, "path": "flaky[4]", "reason": "truncated file"}]
     assert out["skipped"] == want and out["images"] == 11
-    act = zarr.open_array(url, path="layers/conv1/activation", mode="r")[...]
+    act = read(url, "layers/conv1/activation")
     assert np.isnan(act[4]).all() and not np.isnan(act[:4]).any() and np.isnan(act[12:]).all()
     again = sweep_shard(url, 0, model=get_model(MODEL), dataset=ds, device="cpu")
     assert again["cached"] and again["skipped"] == want

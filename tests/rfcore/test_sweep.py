@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,8 @@ import torch
 from torch import nn
 
 import rfcore.sweep as sweep_module
+from rfcore.data import ImageDataset
+from rfcore.receptive import RField
 from rfcore.sweep import (
     FIXED_POINT_BITS,
     LayerReducer,
@@ -21,20 +22,12 @@ from rfcore.sweep import (
     pool_images,
 )
 
-
-@dataclass(frozen=True)
-class RF:
-    size: tuple[int, int]
-    stride: tuple[int, int]
-    offset: tuple[float, float]
-
-
 # Tiny net, its layers and their hand-computed receptive fields (input pixel units).
 TINY_RF = {
-    "a": RF((3, 3), (1, 1), (0.0, 0.0)),  # conv3 s1 p1
-    "b": RF((7, 7), (2, 2), (0.0, 0.0)),  # conv5 s2 p2
-    "c": RF((11, 11), (4, 4), (0.0, 0.0)),  # maxpool3 s2 p1
-    "d": RF((19, 19), (8, 8), (4.0, 4.0)),  # conv3 s2 p0
+    "a": RField((3, 3), (1, 1), (0.0, 0.0)),  # conv3 s1 p1
+    "b": RField((7, 7), (2, 2), (0.0, 0.0)),  # conv5 s2 p2
+    "c": RField((11, 11), (4, 4), (0.0, 0.0)),  # maxpool3 s2 p1
+    "d": RField((19, 19), (8, 8), (4.0, 4.0)),  # conv3 s2 p0
 }
 
 
@@ -43,6 +36,8 @@ class Tiny(nn.Module):
         super().__init__()
         self.a = nn.Conv2d(3, 4, 3, 1, 1)
         self.b = nn.Conv2d(4, 5, 5, 2, 2)
+        with torch.no_grad():
+            self.b.weight.sub_(0.05)  # biased negative: some channels never positive on some images
         self.c = nn.MaxPool2d(3, 2, 1)
         self.d = nn.Conv2d(5, 6, 3, 2, 0)
 
@@ -53,10 +48,11 @@ class Tiny(nn.Module):
         return {"a": a, "b": b, "c": c, "d": self.d(c)}  # "a" and "d" are pre-ReLU (negatives, no zeros)
 
 
-class ArrayDataset:
+class ArrayDataset(ImageDataset):
     """Minimal ImageDataset over an in-memory uint8 array."""
 
     def __init__(self, images: np.ndarray) -> None:
+        super().__init__("array", images.shape[-1], images.shape[-1], [])
         self.images = images
         self.reads: list[int] = []
 
@@ -81,7 +77,6 @@ def forward_acts(images: np.ndarray, batch: int) -> list[dict[str, torch.Tensor]
     torch.manual_seed(0)
     net = Tiny().eval()
     with torch.no_grad():
-        net.b.bias -= 0.3  # some channels never positive on some images
         out = []
         for i in range(0, len(images), batch):
             x = torch.from_numpy(images[i : i + batch]).float() / 255 - 0.5
@@ -158,7 +153,7 @@ def test_patch_geometry_rules() -> None:
     assert patch_geometry(TINY_RF["d"], image, 64).factor == 1
     # no power of two both shrinks the patch enough and divides the stride: largest dividing one
     assert patch_geometry(TINY_RF["b"], image, 2) == PatchGeometry(2, 4, (-3, -3), (2, 2), image)
-    assert patch_geometry(RF((899, 899), (32, 32), (0.0, 0.0)), (224, 224), 64).factor == 16
+    assert patch_geometry(RField((899, 899), (32, 32), (0.0, 0.0)), (224, 224), 64).factor == 16
 
 
 def test_pool_images_sums_cells_exactly() -> None:

@@ -95,7 +95,7 @@ def test_training_is_seeded_and_leaves_global_rng_alone() -> None:
             config=tiny,
             device="cpu",
             seed=seed,
-            progress=False,
+            progress=True,  # exercises the tqdm path; pytest captures the bar
         )
     assert torch.equal(torch.get_rng_state(), before)
     a, b, c = (get_model("plainnet10t", weights=u).state_dict() for u in urls)
