@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import difflib
-import functools
 import os
 import posixpath
 from collections.abc import Iterator, Sequence
@@ -511,95 +510,6 @@ def iter_batches(
     for chunk in chunks:
         batch = collate([items[i] for i in chunk])
         yield batch.pin_memory() if pin else batch
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-
-def _augmentable(ds: ImageDataset) -> bool:
-    """Flips and zooms would change a synthetic image's class (its orientation and frequency)."""
-    source = ds.source if isinstance(ds, ZarrDataset) else ds.spec
-    return not source.startswith("synthetic")
-
-
-class _TrainItems(Dataset[tuple[Tensor, int] | None]):
-    """index -> (uint8 (3,S,S) tensor, label), randomly resized-cropped and flipped if augmenting; None if bad."""
-
-    def __init__(self, ds: ImageDataset, augment: bool) -> None:
-        from torchvision.transforms import v2
-
-        self.ds = ds
-        self.augment: v2.Transform | None = None
-        if augment and _augmentable(ds):
-            self.augment = v2.Compose(
-                [
-                    v2.RandomResizedCrop(ds.size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-                    v2.RandomHorizontalFlip(),
-                ]
-            )
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
-        try:
-            if self.augment is not None and isinstance(self.ds, FileDataset):
-                image, label = self.ds.decode(index)  # crop from the full image, not the centre crop
-                tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
-            else:
-                array, label = self.ds.get(index)
-                tensor = torch.from_numpy(array)
-        except BadImageError:
-            return None
-        if self.augment is not None:
-            tensor = self.augment(tensor)
-        return tensor, label
-
-
-def _collate_train(size: int, items: Sequence[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor]:
-    good = [it for it in items if it is not None]
-    if not good:
-        return torch.empty((0, 3, size, size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    return torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good], dtype=torch.int64)
-
-
-def training_loader(
-    spec: str,
-    *,
-    size: int,
-    batch_size: int,
-    augment: bool,
-    resize: int | None = None,
-    shuffle: bool = True,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    seed: int = 0,
-    drop_last: bool = False,
-) -> DataLoader[Any]:
-    """Labelled ``(images uint8 (B,3,S,S), labels int64 (B,))`` batches for training; bad images dropped.
-
-    ``augment``: RandomResizedCrop(size, scale (0.08, 1), ratio (3/4, 4/3)) of the full decoded image
-    plus a horizontal flip (the paper's recipe); a no-op for synthetic data, whose class is its
-    orientation and frequency. Without ``augment`` images are the usual resize + centre crop.
-    ``seed`` fixes the shuffle order and the workers' random streams (in-process loading, with
-    ``num_workers=0``, augments from torch's global RNG).
-    """
-    ds = open_dataset(spec, size=size, resize=resize)
-    if ds.num_classes == 0:
-        raise DataError(f"{spec}: training needs labelled images (class folders)")
-    if batch_size <= 0:
-        raise DataError(f"bad batch size {batch_size}: must be > 0")
-    return DataLoader(
-        _TrainItems(ds, augment),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        collate_fn=functools.partial(_collate_train, ds.size),
-        pin_memory=pin_memory and torch.cuda.is_available(),
-        drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- ingest

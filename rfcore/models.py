@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from rfcore.errors import CheckpointError, RfatlasError, UnknownModelError
 
+_INIT_LOCK = threading.Lock()
 CHECKPOINT_FORMAT = "rfatlas-checkpoint-v1"
 
 # A torchvision weights enum member name ("IMAGENET1K_V1", "DEFAULT"); anything else is a path or URL.
@@ -217,7 +219,9 @@ def get_model(
     entry = _entry(name)
     if num_classes is not None and num_classes < 1:
         raise RfatlasError(f"num_classes must be positive, got {num_classes}")
-    with torch.random.fork_rng(devices=[]):
+    # Random init draws from torch's global RNG: the lock keeps concurrent builds (task threads)
+    # from interleaving their draws, fork_rng keeps the caller's RNG state untouched.
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if weights is None:
             model = entry.build(num_classes or entry.num_classes)

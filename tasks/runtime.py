@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from functools import lru_cache
 
 import torch
@@ -15,11 +16,20 @@ from rfcore.models import get_model, select_device
 THREADS_ENV = "RFATLAS_TORCH_THREADS"
 
 
-@lru_cache(maxsize=4)
+_LOAD_LOCK = threading.Lock()
+
+
 def cached_model(name: str, weights: str | None, device: str, seed: int = 0) -> nn.Module:
-    """The model in eval mode on its device; shared by every task on this worker."""
-    model = get_model(name, weights=weights, seed=seed)
-    return model.to(select_device(device))
+    """The model in eval mode on its device; shared by every task on this worker.
+
+    The lock makes concurrent first calls from task threads build the model once, not once each."""
+    with _LOAD_LOCK:
+        return _load_model(name, weights, device, seed)
+
+
+@lru_cache(maxsize=4)
+def _load_model(name: str, weights: str | None, device: str, seed: int) -> nn.Module:
+    return get_model(name, weights=weights, seed=seed).to(select_device(device))
 
 
 @lru_cache(maxsize=8)
@@ -44,5 +54,5 @@ def configure_threads_from_env() -> int:
 
 def clear_caches() -> None:
     """Forget cached models and datasets (tests; a worker that must reload a checkpoint)."""
-    cached_model.cache_clear()
+    _load_model.cache_clear()
     cached_dataset.cache_clear()

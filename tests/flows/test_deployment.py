@@ -1,6 +1,6 @@
 """End to end through a real deployment, no mocks: `prefect server` (subprocess, own PREFECT_HOME) →
 work pools from deploy/work_pools/*.json → `prefect deploy --prefect-file deploy/prefect.yaml --all`
-→ `prefect worker start` (process pool, subprocess) → a run of `atlas/atlas-local` triggered through
+→ `prefect worker start` (process pool, subprocess) → a run of `atlas/atlas` triggered through
 the API, its tasks on a 2-process Dask cluster (address passed as a job variable), writing the atlas to
 a real S3 endpoint (moto_server). The store read back must equal a single-process `run_sweep`, array
 for array.
@@ -35,7 +35,7 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 MODEL, DATA, LAYERS, K, SHARD, BATCH = "resnet10t", "synthetic:64", "conv1,maxpool,layer2.0", 4, 32, 16
 PARAMS = dict(model=MODEL, data=DATA, layers=LAYERS, k=K, shard_size=SHARD, batch_size=BATCH, device="cpu", analyses="sweep")  # fmt: skip
-DEPLOYMENTS = ["atlas/atlas-local", "train/train-local", "demo/demo-local", "atlas/atlas-gpu", "train/train-gpu", "atlas/atlas-nightly"]  # fmt: skip
+DEPLOYMENTS = ["atlas/atlas", "train/train", "demo/demo", "atlas/atlas-gpu", "atlas/atlas-nightly"]
 SERVER_START_S, RUN_TIMEOUT_S = 180.0, 240.0
 
 
@@ -240,13 +240,13 @@ def test_atlas_deployment_on_worker_dask_and_s3(
             nightly = deps["atlas/atlas-nightly"]
             assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
             assert deps["atlas/atlas-gpu"].work_pool_name == "rfatlas-gpu"
-            local = deps["atlas/atlas-local"]
+            local = deps["atlas/atlas"]
             assert local.pull_steps == [
                 {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $RFATLAS_REPO }}"}}
             ]
             store_url = f"{s3_bucket}/atlas.zarr"
             run = run_deployment(
-                "atlas/atlas-local",
+                "atlas/atlas",
                 parameters={**PARAMS, "store_url": store_url},
                 job_variables={
                     "env": {

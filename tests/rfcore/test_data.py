@@ -22,7 +22,6 @@ from rfcore.data import (
     iter_batches,
     open_dataset,
     shard_ranges,
-    training_loader,
 )
 from rfcore.errors import DataError
 
@@ -267,50 +266,6 @@ def test_iter_batches_with_workers_matches_in_process() -> None:
     b = list(iter_batches(ds, range(3, 30), 10, num_workers=2))
     assert [x.indices.tolist() for x in a] == [x.indices.tolist() for x in b]
     assert all(torch.equal(x.images, y.images) for x, y in zip(a, b, strict=True))
-
-
-# ------------------------------------------------------------------------------------------ training
-
-
-def test_training_loader_augments_files_and_drops_bad_images(folder: Path) -> None:
-    loader = training_loader(f"imagefolder:{folder}", size=24, batch_size=8, augment=True, seed=1)
-    (images, labels), *rest = list(loader)
-    assert rest == [] and images.dtype == torch.uint8 and images.shape == (6, 3, 24, 24)
-    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
-    # Uniform-colour images stay their colour under crop + flip; labels follow their images.
-    for image, label in zip(images, labels, strict=True):
-        red = image[0].float().mean() > image[1].float().mean()
-        assert bool(red) == (label == 0)
-    again = list(training_loader(f"imagefolder:{folder}", size=24, batch_size=8, augment=True, seed=1))
-    assert torch.equal(again[0][1], labels)
-
-
-def test_training_loader_augment_varies_crops(tmp_path: Path) -> None:
-    ramp = np.broadcast_to(np.linspace(0, 255, 96, dtype=np.uint8)[None, :, None], (64, 96, 3))
-    (tmp_path / "c").mkdir()
-    Image.fromarray(np.ascontiguousarray(ramp)).save(tmp_path / "c" / "ramp.png")
-    spec = f"imagefolder:{tmp_path}"
-    plain = next(iter(training_loader(spec, size=16, batch_size=1, augment=False)))[0][0]
-    assert torch.equal(plain, torch.from_numpy(open_dataset(spec, size=16).get(0)[0]))
-    crops = {
-        next(iter(training_loader(spec, size=16, batch_size=1, augment=True, seed=s)))[0][0].sum().item()
-        for s in range(6)
-    }
-    assert len(crops) > 3
-
-
-def test_training_loader_synthetic_is_never_augmented() -> None:
-    loader = training_loader("synthetic-train:12", size=16, batch_size=5, augment=True, shuffle=False)
-    batches = list(loader)
-    assert [len(b[1]) for b in batches] == [5, 5, 2]
-    ds = open_dataset("synthetic-train:12", size=16)
-    assert np.array_equal(batches[1][0][0].numpy(), ds.get(5)[0]) and batches[1][1][0] == ds.get(5)[1]
-
-
-def test_training_loader_needs_labels(tmp_path: Path) -> None:
-    _write_jpeg(tmp_path / "x.jpg", (1, 2, 3))
-    with pytest.raises(DataError, match="labelled"):
-        training_loader(f"imagefolder:{tmp_path}", size=16, batch_size=4, augment=False)
 
 
 # ------------------------------------------------------------------------------------------ sharding
