@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from rfcore.errors import StoreError
 from rfcore.models import get_model, model_meta
 from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
-from rfcore.store import AtlasStore, SkippedLike
+from rfcore.store import AtlasStore
 from rfcore.sweep import (
     STATE_KEYS,
     LayerReducer,
@@ -34,7 +34,7 @@ from rfcore.sweep import (
 )
 
 DEFAULT_SHARD_SIZE = 1024
-_CHANNEL_CHUNK = 16  # channels per chunk of the per-channel image arrays (mean_stimulus, topk/patch)
+_CHANNEL_CHUNK = 16  # channels per chunk of mean_stimulus (topk/patch: one channel per chunk)
 
 
 def prepare_store(
@@ -339,7 +339,7 @@ def run_sweep(
             )
             skipped += out["skipped"]
             images += out["images"]
-    store.add_skipped(cast("list[SkippedLike]", [SkippedImage(**s) for s in skipped]))
+    store.add_skipped([SkippedImage(**s) for s in skipped])
     for layer in store.run["config"]["layers"]:
         merge_layer(url, layer)
         crop_patches(url, layer, dataset=dataset)

@@ -172,10 +172,10 @@ SWEEP_ARRAYS: list[ArraySpec] = [
         _NAN,
         "mean of the patches of positive activations (uint8 pixel units)",
     ),
-    ArraySpec("positive_count", ("channel",), "int64", 0, "number of positions with activation > 0"),
+    ArraySpec("positive_count", ("channel",), "int64", 0, "number of images whose spatial max is > 0 (eq. 5's X+)"),
     ArraySpec("max", ("channel",), "float32", _NAN, "max activation over all images and positions"),
     ArraySpec("mean", ("channel",), "float32", _NAN, "mean activation over all images and positions"),
-    ArraySpec("zero_fraction", ("channel",), "float32", _NAN, "fraction of positions with activation <= 0"),
+    ArraySpec("zero_fraction", ("channel",), "float32", _NAN, "fraction of activations == 0 over all images and positions"),
 ]
 
 # --- Sweep per-shard reducer state (per layer; removed once the layer is merged) ---------------------
@@ -191,10 +191,10 @@ PARTIAL_ARRAYS: list[ArraySpec] = [
         0,
         "sum of patches of positive activations (exact integer)",
     ),
-    ArraySpec("partial/positive_count", ("shard", "channel"), "int64", 0, "positions with activation > 0"),
+    ArraySpec("partial/positive_count", ("shard", "channel"), "int64", 0, "images whose spatial max is > 0"),
     ArraySpec("partial/max", ("shard", "channel"), "float32", -math.inf, "shard max activation"),
     ArraySpec("partial/sum_fixed", ("shard", "channel"), "int64", 0, "fixed-point exact sum of activations"),
-    ArraySpec("partial/zero_count", ("shard", "channel"), "int64", 0, "positions with activation <= 0"),
+    ArraySpec("partial/zero_count", ("shard", "channel"), "int64", 0, "activations == 0"),
     ArraySpec("partial/position_count", ("shard",), "int64", 0, "positions seen per channel in the shard"),
 ]
 

@@ -60,9 +60,12 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 class SkippedLike(Protocol):
     """Anything with the fields of `rfcore.data.SkippedImage`."""
 
-    index: int
-    path: str
-    reason: str
+    @property
+    def index(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
 
 
 class AtlasLayerNotFoundError(UnknownLayerError, StoreError):
