@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow, task
 
 
 @task(name="noop", persist_result=False)
@@ -81,7 +80,9 @@ def bench_workers(workers: int, args: argparse.Namespace, tmp: Path) -> dict[str
         "shard_compute_s": shard_s,
         "overhead_pct": 100.0 * (per_task_ms / 1000.0) / shard_s if shard_s > 0 else float("nan"),
         "sweep_wall_s": summary["sweep_wall_s"],
-        "sweep_vs_ideal_pct": 100.0 * (summary["sweep_wall_s"] - ideal) / ideal if ideal > 0 else float("nan"),
+        "sweep_vs_ideal_pct": 100.0 * (summary["sweep_wall_s"] - ideal) / ideal
+        if ideal > 0
+        else float("nan"),
         "flow_wall_s": flow_wall,
         "images_per_s": summary["images_per_s"],
     }
@@ -114,15 +115,21 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"model {args.model}, {args.images} synthetic images, shard size {args.shard_size}, batch {args.batch_size}, "
           f"{os.cpu_count()} cores")  # fmt: skip
-    print(f"{'workers':>7} {'noop task ms':>12} {'shard s':>8} {'overhead %':>10} {'sweep s':>8} {'vs ideal %':>10} {'img/s':>8}")
+    print(
+        f"{'workers':>7} {'noop task ms':>12} {'shard s':>8} {'overhead %':>10} {'sweep s':>8} {'vs ideal %':>10} {'img/s':>8}"
+    )
     for r in rows:
         print(f"{r['workers']:>7} {r['noop_task_ms']:>12.1f} {r['shard_compute_s']:>8.2f} {r['overhead_pct']:>10.2f} "
               f"{r['sweep_wall_s']:>8.2f} {r['sweep_vs_ideal_pct']:>10.1f} {r['images_per_s']:>8.1f}")  # fmt: skip
     if len(rows) >= 2:
-        speedup = rows[-1]["images_per_s"] / rows[0]["images_per_s"] if rows[0]["images_per_s"] else float("nan")
+        speedup = (
+            rows[-1]["images_per_s"] / rows[0]["images_per_s"] if rows[0]["images_per_s"] else float("nan")
+        )
         print(f"throughput {rows[-1]['workers']} vs {rows[0]['workers']} workers: ×{speedup:.2f}")
     worst = max(r["overhead_pct"] for r in rows)
-    print(f"orchestration overhead at shard size {args.shard_size}: {worst:.2f}% of shard compute (target < 5%)")
+    print(
+        f"orchestration overhead at shard size {args.shard_size}: {worst:.2f}% of shard compute (target < 5%)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     return 0

@@ -1,7 +1,7 @@
 """`prefect deploy`, with a workaround for one client/server mismatch of this project's pinned stack.
 
     python deploy/prefect_deploy.py --prefect-file deploy/prefect.yaml --all
-    python deploy/prefect_deploy.py --prefect-file deploy/prefect.yaml --name atlas-local
+    python deploy/prefect_deploy.py --prefect-file deploy/prefect.yaml --name atlas
 
 Takes exactly the arguments of `prefect deploy` (run it from the repository root) and always runs
 non-interactively (`prefect --no-prompt deploy ...`).

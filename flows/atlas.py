@@ -230,8 +230,9 @@ def atlas(
             safe_url,
         )
         progress = SweepProgress(label, total, already=resumed)
-        runner = shared_runner()
+        runner = _current_runner()
         annotate = gpu_annotation(runner, device)
+        log.info("task runner: %s", _describe_runner(runner))
         common = dict(
             model=model, weights=weights, data=data, image_size=plan["image_size"],
             resize=plan["resize"], device=device, seed=seed,
@@ -247,7 +248,7 @@ def atlas(
                 futures = [T.sweep_shard.submit(store_url, s, n, **common) for s in order]
         else:
             futures = [T.sweep_shard.submit(store_url, s, n, **common) for s in order]
-        failed: list[str] = []
+        failed: list[BaseException] = []
         swept = 0
         compute_s = 0.0
         shard_results: list[dict[str, Any]] = []
@@ -256,7 +257,7 @@ def atlas(
             try:
                 out = fut.result()
             except Exception as e:
-                failed.append(f"{type(e).__name__}: {e}")
+                failed.append(e)
                 continue
             shard_results.append({k_: out[k_] for k_ in ("shard", "images", "seconds", "cached", "worker")})
             for sk in out["skipped"]:
@@ -267,9 +268,12 @@ def atlas(
                 progress.update(sizes[out["shard"]], shard=out["shard"])
         sweep_wall = time.perf_counter() - t_sweep
         if failed:
+            bad_input = [e for e in failed if isinstance(e, RfatlasError)]
+            if bad_input:
+                raise bad_input[0]
             raise RuntimeError(
                 f"{len(failed)} of {len(futures)} shard(s) failed (rerun to resume; finished shards are kept): "
-                + "; ".join(failed[:3])
+                + "; ".join(f"{type(e).__name__}: {e}" for e in failed[:3])
             )
         store.add_skipped([skipped[i] for i in sorted(skipped)])  # one writer: this flow
         emit(ProgressEvent("merge", label, 0, len(plan["layers"]), 0.0, None))
@@ -332,6 +336,27 @@ def atlas(
     emit(ProgressEvent("done", label, total, total, summary["images_per_s"], 0.0, {"summary": summary}))
     log.info("%s: done in %.1f s, %s", label, wall, safe_url)
     return summary
+
+
+def _current_runner() -> Any:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return ctx.task_runner if ctx else None
+
+
+def _describe_runner(runner: Any) -> str:
+    try:
+        from prefect_dask import DaskTaskRunner
+
+        if isinstance(runner, DaskTaskRunner):
+            info = runner.client.scheduler_info()
+            workers = info.get("workers", {})
+            threads = sum(int(w.get("nthreads", 0)) for w in workers.values())
+            return f"Dask cluster {info.get('address')} with {len(workers)} workers ({threads} threads)"
+    except Exception:
+        pass
+    return type(runner).__name__
 
 
 def _artifact_key(text: str) -> str:

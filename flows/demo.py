@@ -21,7 +21,7 @@ from tasks.train import train_model
 
 DEMO: dict[str, Any] = {
     "models": ["resnet10t", "plainnet10t"],
-    "train_data": "synthetic-train:3000",  # ~1 min of quick training per model on one core
+    "train_data": "synthetic-train:2000",  # < 1 min of quick training per model on one core
     "val_data": "synthetic:512",  # the images the atlas sweeps
     "recipe": "quick",
     "train_overrides": {"epochs": 4},

@@ -4,6 +4,7 @@ shards finish, plus in-process listeners (the CLI's terminal progress bar)."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -122,6 +123,14 @@ def terminal_bar(desc: str = "sweep") -> tuple[Listener, Callable[[], None]]:
 
     def listener(ev: ProgressEvent) -> None:
         if ev.stage != "sweep":
+            close()
+            note = {
+                "train": f"training: {ev.done}/{ev.total} models done",
+                "merge": f"{ev.label}: merging {ev.total} layers and cropping patches",
+                "analysis": f"{ev.label}: analysis {ev.extra.get('analysis')}",
+            }.get(ev.stage)
+            if note:
+                print(note, file=sys.stderr, flush=True)
             return
         if state["label"] != ev.label or state["bar"] is None:
             close()

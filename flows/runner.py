@@ -83,10 +83,11 @@ def make_task_runner(
     """A `DaskTaskRunner`: `address` connects to an existing scheduler; otherwise a local cluster."""
     from prefect_dask import DaskTaskRunner
 
-    address = address or os.environ.get(ADDRESS_ENV) or None
+    if address and workers is not None:
+        raise RfatlasError("use either --workers (local cluster) or --dask-address (existing cluster)")
+    if workers is None:
+        address = address or os.environ.get(ADDRESS_ENV) or None
     if address:
-        if workers is not None:
-            raise RfatlasError("use either --workers (local cluster) or --dask-address (existing cluster)")
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",

@@ -16,10 +16,15 @@ def check_train_inputs(
 ) -> None:
     """Validate before Prefect starts: model, recipe/options, data specs, checkpoint URL."""
     from rfcore.data import open_dataset
+    from rfcore.errors import DataError
 
     pre = default_preprocessing(model)  # UnknownModelError with a close match
-    train_config(recipe, **(overrides or {}))
-    open_dataset(data, size=pre.resize, resize=pre.resize)
+    config = train_config(recipe, **(overrides or {}))
+    ds = open_dataset(data, size=pre.resize, resize=pre.resize)
+    if ds.num_classes < 2:
+        raise DataError(f"{data}: training needs labelled data with at least 2 classes")
+    if len(ds) < config.batch_size:
+        raise DataError(f"{data}: {len(ds)} images, fewer than one batch of {config.batch_size}")
     if val_data:
         open_dataset(val_data, size=pre.size, resize=pre.resize)
     if "://" not in out or out.startswith("file://"):

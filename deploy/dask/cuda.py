@@ -1,7 +1,7 @@
 """One Dask worker per local GPU (dask-cuda), each advertising resources={"GPU": 1}.
 
-    pip install dask-cuda
-    python deploy/dask/cuda.py [--port 8786]
+pip install dask-cuda
+python deploy/dask/cuda.py [--port 8786]
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8786)
     p.add_argument("--host", default="0.0.0.0")
     args = p.parse_args()
-    cores_per_gpu = max(1, (os.cpu_count() or 1) // max(1, len(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(","))))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        gpus = len([d for d in visible.split(",") if d.strip()])
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    cores_per_gpu = max(1, (os.cpu_count() or 1) // max(1, gpus))
     cluster = LocalCUDACluster(
         host=args.host,
         scheduler_port=args.port,

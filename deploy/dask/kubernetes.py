@@ -25,7 +25,10 @@ def main() -> None:
         name="rfatlas-dask",
         image=args.image,
         n_workers=args.workers,
-        resources={"limits": {"nvidia.com/gpu": "1", "memory": "16Gi"}, "requests": {"cpu": "4", "memory": "16Gi"}},
+        resources={
+            "limits": {"nvidia.com/gpu": "1", "memory": "16Gi"},
+            "requests": {"cpu": "4", "memory": "16Gi"},
+        },
         env={"RFATLAS_TORCH_THREADS": "4", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
     )
     worker = spec["spec"]["worker"]["spec"]["containers"][0]

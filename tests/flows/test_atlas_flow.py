@@ -19,7 +19,9 @@ from tasks import atlas as T
 pytestmark = pytest.mark.usefixtures("prefect_harness", "one_thread")
 
 DATA, LAYERS, K, SHARD = "synthetic:96", "conv1,maxpool,layer2.0", 4, 32
-PARAMS: dict[str, Any] = dict(model="resnet10t", data=DATA, layers=LAYERS, k=K, shard_size=SHARD, device="cpu", batch_size=16)
+PARAMS: dict[str, Any] = dict(
+    model="resnet10t", data=DATA, layers=LAYERS, k=K, shard_size=SHARD, device="cpu", batch_size=16
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,9 @@ def _run(runner: Any, url: str, **kw: Any) -> dict[str, Any]:
     return atlas.with_options(task_runner=runner())(**{**PARAMS, "store_url": url, **kw})
 
 
-def test_atlas_flow_matches_single_process(dask_runner: Any, reference: str, same_store: Any, tmp_path: Path) -> None:
+def test_atlas_flow_matches_single_process(
+    dask_runner: Any, reference: str, same_store: Any, tmp_path: Path
+) -> None:
     url = str(tmp_path / "a.zarr")
     summary = _run(dask_runner, url)
     assert summary["images_swept"] == 96 and summary["num_shards"] == 3 and summary["shards_run"] == 3
@@ -61,10 +65,14 @@ def test_atlas_flow_matches_single_process(dask_runner: Any, reference: str, sam
     assert "markdown:atlas-resnet10t" in arts
 
 
-def test_atlas_flow_resumes_partial_store(dask_runner: Any, reference: str, same_store: Any, tmp_path: Path) -> None:
+def test_atlas_flow_resumes_partial_store(
+    dask_runner: Any, reference: str, same_store: Any, tmp_path: Path
+) -> None:
     url = str(tmp_path / "a.zarr")
     plan = T.prepare_store.fn(url, weights=None, **{k: v for k, v in PARAMS.items() if k != "device"})
-    common = dict(model="resnet10t", weights=None, data=DATA, image_size=64, resize=plan["resize"], device="cpu")
+    common = dict(
+        model="resnet10t", weights=None, data=DATA, image_size=64, resize=plan["resize"], device="cpu"
+    )
     T.sweep_shard.fn(url, 1, 3, **common)  # an earlier run finished shard 1 only
     # ... and was killed while writing shard 2: garbage rows, no marker.
     store = AtlasStore.open(url, "r+")

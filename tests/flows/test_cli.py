@@ -23,26 +23,97 @@ def small_atlas(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 BAD = [
-    (["run", "--model", "resnet10x", "--data", "synthetic:32", "--out", "{tmp}/a.zarr"], "did you mean 'resnet10t'"),
-    (["run", "--model", "resnet10t", "--data", "synthetc:32", "--out", "{tmp}/a.zarr"], "did you mean 'synthetic:32'"),
-    (["run", "--model", "resnet10t", "--data", "synthetic:32", "--layers", "layr1.0", "--out", "{tmp}/a.zarr"], "did you mean 'layer1.0'"),
-    (["run", "--model", "resnet10t", "--data", "synthetic:32", "--analyses", "sweep,actmx", "--out", "{tmp}/a.zarr"], "unknown analysis"),
-    (["run", "--model", "resnet10t", "--data", "synthetic:32", "--device", "tpu", "--out", "{tmp}/a.zarr"], "bad --device"),
-    (["run", "--model", "resnet10t", "--data", "synthetic:32", "--k", "0", "--out", "{tmp}/a.zarr"], "positive integer"),
-    (["run", "--model", "resnet10t", "--data", "synthetic:32", "--weights", "{tmp}/missing.pt", "--out", "{tmp}/a.zarr"], ""),
-    (["run", "--model", "resnet10t", "--data", "synthetic:32", "--dask-address", "tcp://127.0.0.1:1", "--out", "{tmp}/a.zarr"], "no Dask scheduler"),
+    (
+        ["run", "--model", "resnet10x", "--data", "synthetic:32", "--out", "{tmp}/a.zarr"],
+        "did you mean 'resnet10t'",
+    ),
+    (
+        ["run", "--model", "resnet10t", "--data", "synthetc:32", "--out", "{tmp}/a.zarr"],
+        "did you mean 'synthetic:32'",
+    ),
+    (
+        [
+            "run",
+            "--model",
+            "resnet10t",
+            "--data",
+            "synthetic:32",
+            "--layers",
+            "layr1.0",
+            "--out",
+            "{tmp}/a.zarr",
+        ],
+        "did you mean 'layer1.0'",
+    ),
+    (
+        [
+            "run",
+            "--model",
+            "resnet10t",
+            "--data",
+            "synthetic:32",
+            "--analyses",
+            "sweep,actmx",
+            "--out",
+            "{tmp}/a.zarr",
+        ],
+        "unknown analysis",
+    ),
+    (
+        ["run", "--model", "resnet10t", "--data", "synthetic:32", "--device", "tpu", "--out", "{tmp}/a.zarr"],
+        "bad --device",
+    ),
+    (
+        ["run", "--model", "resnet10t", "--data", "synthetic:32", "--k", "0", "--out", "{tmp}/a.zarr"],
+        "positive integer",
+    ),
+    (
+        [
+            "run",
+            "--model",
+            "resnet10t",
+            "--data",
+            "synthetic:32",
+            "--weights",
+            "{tmp}/missing.pt",
+            "--out",
+            "{tmp}/a.zarr",
+        ],
+        "",
+    ),
+    (
+        [
+            "run",
+            "--model",
+            "resnet10t",
+            "--data",
+            "synthetic:32",
+            "--dask-address",
+            "tcp://127.0.0.1:1",
+            "--out",
+            "{tmp}/a.zarr",
+        ],
+        "no Dask scheduler",
+    ),
     (["run", "--model", "resnet10t", "--data", "synthetic:32", "--out", "{tmp}/file.txt"], "not an atlas"),
     (["run", "--model", "resnet10t", "--data", "imagefolder:{tmp}/nothing", "--out", "{tmp}/a.zarr"], ""),
     (["ls", "{tmp}/nothing.zarr"], "no atlas"),
     (["verify", "{tmp}/file.txt"], ""),
     (["rf", "alexnett"], "did you mean 'alexnet'"),
-    (["train", "--model", "resnet10t", "--data", "synthetic-train:8", "--out", "{tmp}/m.pt"], "fewer than one batch"),
+    (
+        ["train", "--model", "resnet10t", "--data", "synthetic-train:8", "--out", "{tmp}/m.pt"],
+        "fewer than one batch",
+    ),
     (["frobnicate"], "invalid choice"),
 ]
 
 
-@pytest.mark.parametrize(("argv", "needle"), BAD, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(BAD)])
-def test_bad_input_is_one_line_exit_2(argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "needle"), BAD, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(BAD)]
+)
+def test_bad_input_is_one_line_exit_2(
+    argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "file.txt").write_text("not a store")
     t0 = time.perf_counter()
     code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
@@ -78,12 +149,28 @@ def test_parser_surface() -> None:
     args = parser.parse_args(["run", "--model", "m", "--data", "d", "--out", "o"])
     assert args.k == 16 and args.layers == "default" and args.device == "auto" and args.analyses == "sweep"
     with pytest.raises(SystemExit):
-        parser.parse_args(["run", "--model", "m", "--data", "d", "--out", "o", "--workers", "2", "--dask-address", "tcp://x:1"])
+        parser.parse_args(
+            [
+                "run",
+                "--model",
+                "m",
+                "--data",
+                "d",
+                "--out",
+                "o",
+                "--workers",
+                "2",
+                "--dask-address",
+                "tcp://x:1",
+            ]
+        )
 
 
 def test_entry_point_runs_as_a_process(tmp_path: Path) -> None:
     """The installed console script: bad input → one line, exit 2 (no traceback)."""
     exe = Path(sys.executable).with_name("rfatlas")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
-    res = subprocess.run([*cmd, "ls", str(tmp_path / "none.zarr")], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [*cmd, "ls", str(tmp_path / "none.zarr")], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,7 +187,12 @@ async def _read_deployments(names: list[str]) -> dict[str, Any]:
 
 
 def test_atlas_deployment_on_worker_dask_and_s3(
-    prefect_server: Server, worker_cluster: Any, s3_bucket: str, one_thread: None, tmp_path: Path
+    prefect_server: Server,
+    worker_cluster: Any,
+    s3_bucket: str,
+    same_store: Callable[[str, str], list[str]],
+    one_thread: None,
+    tmp_path: Path,
 ) -> None:
     t0 = time.monotonic()
     from prefect.deployments import run_deployment
@@ -268,6 +273,12 @@ def test_atlas_deployment_on_worker_dask_and_s3(
         assert final.work_pool_name == "rfatlas-local"
     finally:
         _stop(worker)
+    # The shard/merge/crop tasks ran on the test's Dask cluster, on both of its worker processes.
+    from distributed import Client
+
+    with Client(worker_cluster.scheduler_address, timeout=30) as client:
+        executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+    assert len(executed) == 2 and all(n > 0 for n in executed.values()), executed
 
     # The atlas on S3 equals the single-process one, array for array (NaN-aware).
     got, ref = open_atlas(store_url), open_atlas(ref_url)
@@ -282,7 +293,10 @@ def test_atlas_deployment_on_worker_dask_and_s3(
             assert have.shape == want.shape and have.dtype == want.dtype, f"{layer}/{path}"
             assert np.array_equal(have, want, equal_nan=want.dtype.kind == "f"), f"{layer}/{path} differs"
         assert got.layer(layer).attrs == ref.layer(layer).attrs
-    # Nothing secret reached the deployment or run records.
-    assert "testing-secret" not in json.dumps(final.model_dump(mode="json"))
+    assert same_store(ref_url, store_url) == []  # also the root/layer attrs and the layout
+    # Nothing secret reached the run record, the deployments or the worker's output.
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    records = json.dumps([final.model_dump(mode="json")] + [d.model_dump(mode="json") for d in deps.values()])
+    assert secret not in records and secret not in worker_log.read_text(errors="replace")
     marks["compare"] = time.monotonic() - t0
     print(f"deployment test phases (s since start): { {k: round(v, 1) for k, v in marks.items()} }")

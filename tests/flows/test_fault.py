@@ -20,7 +20,13 @@ from rfcore.store import AtlasStore
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness", "one_thread")]
 
 PARAMS: dict[str, Any] = dict(
-    model="resnet10t", data="synthetic:384", layers="conv1,layer1.0,layer3.0", k=4, shard_size=32, batch_size=16, device="cpu"
+    model="resnet10t",
+    data="synthetic:384",
+    layers="conv1,layer1.0,layer3.0",
+    k=4,
+    shard_size=32,
+    batch_size=16,
+    device="cpu",
 )
 
 
@@ -53,7 +59,9 @@ def _kill_busy_worker(client: Any, store_url: str, stop: threading.Event, killed
         time.sleep(0.05)
 
 
-def test_kill_worker_mid_sweep_then_rerun_is_identical(own_cluster: Any, same_store: Any, tmp_path: Path) -> None:
+def test_kill_worker_mid_sweep_then_rerun_is_identical(
+    own_cluster: Any, same_store: Any, tmp_path: Path
+) -> None:
     from prefect_dask import DaskTaskRunner
 
     cluster, client = own_cluster

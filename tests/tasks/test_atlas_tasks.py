@@ -15,7 +15,15 @@ from rfcore.store import AtlasStore, open_atlas
 from tasks import atlas as T
 from tasks import runtime
 
-OPTS = dict(model="resnet10t", weights=None, data="synthetic:64", layers="conv1,layer2.0", k=4, shard_size=16, batch_size=16)
+OPTS = dict(
+    model="resnet10t",
+    weights=None,
+    data="synthetic:64",
+    layers="conv1,layer2.0",
+    k=4,
+    shard_size=16,
+    batch_size=16,
+)
 
 
 def _sweep_by_tasks(url: str, order: list[int] | None = None) -> dict:
@@ -24,7 +32,9 @@ def _sweep_by_tasks(url: str, order: list[int] | None = None) -> dict:
         model="resnet10t", weights=None, data="synthetic:64",
         image_size=plan["image_size"], resize=plan["resize"], device="cpu",
     )  # fmt: skip
-    outs = [T.sweep_shard.fn(url, s, plan["num_shards"], **common) for s in (order or range(plan["num_shards"]))]
+    outs = [
+        T.sweep_shard.fn(url, s, plan["num_shards"], **common) for s in (order or range(plan["num_shards"]))
+    ]
     for L in plan["layers"]:
         T.merge_layer.fn(url, L)
         T.crop_patches.fn(url, L, data="synthetic:64", image_size=plan["image_size"], resize=plan["resize"])
@@ -42,12 +52,25 @@ def test_tasks_match_single_process_pipeline(tmp_path: Path) -> None:
     assert all(o["images"] == 16 and not o["cached"] for o in res["shards"])
     a, b = open_atlas(ref), open_atlas(url)
     for L in a.layers:
-        for path in ("activation", "topk/value", "topk/image", "topk/y", "topk/x", "topk/patch", "mean_stimulus", "max"):
-            np.testing.assert_array_equal(a.layer(L).array(path), b.layer(L).array(path), err_msg=f"{L}/{path}")
+        for path in (
+            "activation",
+            "topk/value",
+            "topk/image",
+            "topk/y",
+            "topk/x",
+            "topk/patch",
+            "mean_stimulus",
+            "max",
+        ):
+            np.testing.assert_array_equal(
+                a.layer(L).array(path), b.layer(L).array(path), err_msg=f"{L}/{path}"
+            )
     # A rerun finds every shard and layer done and changes nothing.
     again = _sweep_by_tasks(url)
     assert all(o["cached"] and o["images"] == 0 for o in again["shards"])
-    np.testing.assert_array_equal(a.layer("conv1").array("topk/image"), open_atlas(url).layer("conv1").array("topk/image"))
+    np.testing.assert_array_equal(
+        a.layer("conv1").array("topk/image"), open_atlas(url).layer("conv1").array("topk/image")
+    )
 
 
 def test_prepare_refuses_another_run(tmp_path: Path) -> None:
