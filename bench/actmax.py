@@ -52,9 +52,14 @@ def lucent_render_vis(model: nn.Module, layer: str, channel: int, config: am.Act
 
     size, _, _ = am._preprocessing(model, config.size)
     render.render_vis(
-        model, f"{layer.replace('.', '_')}:{channel}", param_f=lambda: param.image(size, fft=False, decorrelate=False),
+        model,
+        f"{layer.replace('.', '_')}:{channel}",
+        param_f=lambda: param.image(size, fft=False, decorrelate=False),
         optimizer=lambda p: torch.optim.Adam(p, lr=config.lr, weight_decay=config.weight_decay),
-        transforms=[], thresholds=(config.steps,), show_image=False, progress=False,
+        transforms=[],
+        thresholds=(config.steps,),
+        show_image=False,
+        progress=False,
     )
 
 
@@ -88,11 +93,14 @@ def main() -> None:
     device = select_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model = get_model(args.model).to(device)
-    config = am.preset(args.preset, steps=args.steps, amp=args.amp,
-                       **({"size": args.size} if args.size else {}))
+    config = am.preset(
+        args.preset, steps=args.steps, amp=args.amp, **({"size": args.size} if args.size else {})
+    )
     size, _, _ = am._preprocessing(model, config.size)
-    print(f"{args.model} {args.layer}, preset {args.preset}, {args.steps} steps, {size} px, objective "
-          f"{args.objective}, {device} ({torch.get_num_threads()} threads)")
+    print(
+        f"{args.model} {args.layer}, preset {args.preset}, {args.steps} steps, {size} px, objective "
+        f"{args.objective}, {device} ({torch.get_num_threads()} threads)"
+    )
     singles = list(range(args.single))
     warm = am.preset(args.preset, steps=1, size=size)
     lucent_way(model, args.layer, 0, args.objective, warm)
@@ -102,12 +110,18 @@ def main() -> None:
         def run() -> None:
             for c in singles:
                 render(c)
+
         return run
 
     def lucent_way_c(c: int) -> None:
         lucent_way(model, args.layer, c, args.objective, config)
 
-    a = timed("(a)  one channel per call, full network (Lucent's way)", len(singles), one_per_call(lucent_way_c), sync)
+    a = timed(
+        "(a)  one channel per call, full network (Lucent's way)",
+        len(singles),
+        one_per_call(lucent_way_c),
+        sync,
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     a2 = timed("(a') same, parameters frozen", len(singles), one_per_call(lucent_way_c), sync)
@@ -123,8 +137,12 @@ def main() -> None:
     except ImportError:
         print(f"{'lucent render_vis':<62} {'skipped (torch-lucent not installed)':>20}")
     else:
-        timed("lucent render_vis, one channel per call", len(singles),
-              one_per_call(lambda c: lucent_render_vis(model, args.layer, c, config)), sync)
+        timed(
+            "lucent render_vis, one channel per call",
+            len(singles),
+            one_per_call(lambda c: lucent_render_vis(model, args.layer, c, config)),
+            sync,
+        )
     print(f"speed-up (b)/(a) = {b / a:.2f}x   (b)/(a') = {b / a2:.2f}x")
 
 

@@ -52,8 +52,12 @@ def actmax_analysis(
                 if store.is_done(am.block_key(layer, objective, block)):
                     skipped += 1
                 else:
-                    futures.append(actmax_block_task.submit(store_url, layer, objective, block, chans, device))
-    virtual = [virtual_filter_task.submit(store_url, L, source) for L, source in default_virtual_layers(model)]
+                    futures.append(
+                        actmax_block_task.submit(store_url, layer, objective, block, chans, device)
+                    )
+    virtual = [
+        virtual_filter_task.submit(store_url, L, source) for L, source in default_virtual_layers(model)
+    ]
     blocks = [f.result() for f in futures]
     return {
         "layers": names,
@@ -70,8 +74,16 @@ def quick_look_store(url: str, model: str, weights: str | None, layer: str) -> A
     try:
         store = AtlasStore.open(url, "r+")
     except StoreError:
-        return prepare_store(url, model_name=model, weights=weights, data_spec=QUICK_LOOK_DATA,
-                             layers=[layer], k=1, shard_size=1, batch_size=1)
+        return prepare_store(
+            url,
+            model_name=model,
+            weights=weights,
+            data_spec=QUICK_LOOK_DATA,
+            layers=[layer],
+            k=1,
+            shard_size=1,
+            batch_size=1,
+        )
     if (store.run["model"], store.run.get("weights")) != (model, weights):
         raise ConfigMismatchError(
             f"{redact(url)} holds {store.run['model']} (weights {store.run.get('weights')}), "
@@ -86,8 +98,14 @@ def _cmd_actmax(args: argparse.Namespace) -> int:
     if args.init:
         overrides["init"] = args.init
     res = actmax_analysis(
-        args.out, layers=[args.layer], channels=args.channels, objectives=args.objectives.split(","),
-        preset=args.preset, overrides=overrides, block_size=args.block_size, device=args.device,
+        args.out,
+        layers=[args.layer],
+        channels=args.channels,
+        objectives=args.objectives.split(","),
+        preset=args.preset,
+        overrides=overrides,
+        block_size=args.block_size,
+        device=args.device,
         seed=args.seed,
     )
     print(
@@ -108,9 +126,13 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--objectives", default="neuron,channel", help="comma-separated: neuron, channel")
     p.add_argument("--preset", default="kobayashi2020", choices=sorted(am.PRESETS))
     p.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
-    p.add_argument("--init", choices=["zero", "random"], default=None,
-                   help="override the preset's start image (an untrained net with zero BN biases maps "
-                   "the zero image to all-zero activations, a stationary point: use random)")
+    p.add_argument(
+        "--init",
+        choices=["zero", "random"],
+        default=None,
+        help="override the preset's start image (an untrained net with zero BN biases maps "
+        "the zero image to all-zero activations, a stationary point: use random)",
+    )
     p.add_argument("--block-size", type=int, default=64, help="channels per task (one batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

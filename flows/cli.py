@@ -27,6 +27,15 @@ def _err(message: str, code: int = EXIT_BAD_INPUT) -> int:
     return code
 
 
+def _one_of(positional: str | None, option: str | None, what: str, flag: str) -> str | None:
+    """The value given positionally or by option; both at once must agree."""
+    if positional and option and positional != option:
+        from rfcore.errors import RfatlasError
+
+        raise RfatlasError(f"{what} is given twice ({positional!r} and {flag} {option!r})")
+    return positional or option
+
+
 def _out_url(url: str) -> str:
     """Local paths become absolute (Dask workers may run elsewhere in the file system view)."""
     if "://" in url:
@@ -167,9 +176,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         size, resize = size or pre.size, resize or pre.resize
     if not size:
         return _err("ingest needs --size N or --model M (to take the model's input size)")
-    res = ingest(args.spec, _out_url(args.url), size=size, resize=resize, progress=not args.quiet)
-    print(f"ingested {res.num_images if hasattr(res, 'num_images') else ''} images into {res.url}; "
-          f"{len(res.skipped)} skipped; read it with --data zarr:{res.url}")  # fmt: skip
+    url = _one_of(args.url, args.out, "the output URL", "--out")
+    if url is None:
+        return _err("ingest needs an output Zarr URL: rfatlas ingest SPEC --out URL")
+    res = ingest(args.spec, _out_url(url), size=size, resize=resize, progress=not args.quiet)
+    print(f"ingested {res.num_images} images into {res.url}; {len(res.skipped)} skipped; "
+          f"read it with --data zarr:{res.url}")  # fmt: skip
     return 0
 
 
@@ -177,8 +189,20 @@ def cmd_rf(args: argparse.Namespace) -> int:
     from rfcore.models import get_model
     from rfcore.receptive import format_rf_table
 
-    model = get_model(args.model, weights=args.weights)
+    name = _one_of(args.model, args.model_opt, "the model", "--model")
+    if name is None:
+        return _err("rf needs a model: rfatlas rf --model NAME (see rfatlas models)")
+    model = get_model(name, weights=args.weights)
     print(format_rf_table(model, args.input_size))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rfcore.models import default_preprocessing, list_models
+
+    for name in list_models():
+        pre = default_preprocessing(name)
+        print(f"{name:<12} input {pre.size}x{pre.size} (resize {pre.resize})")
     return 0
 
 
@@ -279,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="decode and preprocess a dataset once into a Zarr image store")
     p.add_argument("spec", help="data spec, e.g. imagefolder:/data/val")
-    p.add_argument("url", help="output Zarr URL; read it back with --data zarr:URL")
+    p.add_argument("url", nargs="?", help="output Zarr URL (or --out); read it back with --data zarr:URL")
+    p.add_argument("--out", default=None, help="output Zarr URL (local path or s3://...)")
     p.add_argument("--model", default=None, help="take --size/--resize from this model's preprocessing")
     p.add_argument("--size", type=_positive, default=None)
     p.add_argument("--resize", type=_positive, default=None)
@@ -287,10 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("rf", help="receptive-field table of a model's layers")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="model name (or --model)")
+    p.add_argument("--model", dest="model_opt", default=None, help="model name")
     p.add_argument("--weights", default=None)
     p.add_argument("--input-size", type=_positive, default=None)
     p.set_defaults(func=cmd_rf)
+
+    p = sub.add_parser("models", help="model names the other commands accept")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("ls", help="what is in an atlas store")
     p.add_argument("url")
@@ -333,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _err(str(e))
     except KeyboardInterrupt:
         return _err("interrupted", 130)
+    except BrokenPipeError:  # output piped into e.g. `head`, which has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         return _err(f"{e.strerror or type(e).__name__}: {e.filename or e}")
     except Exception as e:  # a failed run: still one line; details are in the Prefect UI / -v logs

@@ -88,7 +88,10 @@ class ActmaxConfig:
             (not self.decorrelate or self.param == "fft", "decorrelate needs param='fft'"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.size is None or self.size >= 1, f"size must be >= 1, got {self.size}"),
-            (min(self.pad, self.jitter, self.lam, self.weight_decay) >= 0, "pad, jitter, lam and weight_decay must be >= 0"),
+            (
+                min(self.pad, self.jitter, self.lam, self.weight_decay) >= 0,
+                "pad, jitter, lam and weight_decay must be >= 0",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -112,8 +115,16 @@ PRESETS: dict[str, ActmaxConfig] = {
     "kobayashi2020": ActmaxConfig(),
     # lucid/lucent's render_vis defaults: FFT + decorrelated colour, standard transforms, 512 steps.
     "lucid": ActmaxConfig(
-        param="fft", decorrelate=True, init="random", lr=0.05, weight_decay=0.0, steps=512, size=128,
-        pad=12, jitter=8, scales=tuple(1 + (i - 5) / 50 for i in range(11)),
+        param="fft",
+        decorrelate=True,
+        init="random",
+        lr=0.05,
+        weight_decay=0.0,
+        steps=512,
+        size=128,
+        pad=12,
+        jitter=8,
+        scales=tuple(1 + (i - 5) / 50 for i in range(11)),
         angles=tuple(float(a) for a in [*range(-10, 11), 0, 0, 0, 0, 0]),
     ),
 }
@@ -126,7 +137,9 @@ def preset(name: str, **overrides: Any) -> ActmaxConfig:
     known = {f.name for f in fields(ActmaxConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ActmaxError(f"unknown actmax setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ActmaxError(
+            f"unknown actmax setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     return replace(PRESETS[name], **overrides)
 
 
@@ -137,12 +150,12 @@ class ActmaxResult:
     layer: str
     objective: str
     channels: list[int]
-    image: Tensor                         # (B, 3, S, S) float32, RGB display units
-    activation: Tensor                    # (B,) objective of the final image (no transforms, no penalty)
-    trace: Tensor                         # (B, steps) objective at each step, before its update
-    position: tuple[int, int] | None      # 'neuron': the feature-map unit (y, x)
-    box: Box | None                       # 'neuron': its receptive-field box in the image
-    crop: Tensor | None                   # 'neuron': (B, 3, rh, rw) image under the box, NaN outside it
+    image: Tensor  # (B, 3, S, S) float32, RGB display units
+    activation: Tensor  # (B,) objective of the final image (no transforms, no penalty)
+    trace: Tensor  # (B, steps) objective at each step, before its update
+    position: tuple[int, int] | None  # 'neuron': the feature-map unit (y, x)
+    box: Box | None  # 'neuron': its receptive-field box in the image
+    crop: Tensor | None  # 'neuron': (B, 3, rh, rw) image under the box, NaN outside it
 
 
 def channel_seed(seed: int, channel: int) -> int:
@@ -176,8 +189,15 @@ def _fft_scale(size: int) -> Tensor:
 class _Image:
     """Batched image parameterization; `render()` gives the model input (normalized units)."""
 
-    def __init__(self, config: ActmaxConfig, gens: list[torch.Generator], size: int,
-                 mean: Tensor, std: Tensor, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: ActmaxConfig,
+        gens: list[torch.Generator],
+        size: int,
+        mean: Tensor,
+        std: Tensor,
+        device: torch.device,
+    ) -> None:
         self.config, self.size, self.mean, self.std = config, size, mean, std
         shape = (3, size, size) if config.param == "pixel" else (3, size, size // 2 + 1, 2)
         std_init = config.init_std if config.init == "random" else 0.0
@@ -213,8 +233,12 @@ def _transform(x: Tensor, config: ActmaxConfig, gens: list[torch.Generator], gre
     thetas = []
     for g in gens:
         shift = torch.randint(-config.jitter, config.jitter + 1, (2,), generator=g).tolist()
-        scale = config.scales[int(torch.randint(len(config.scales), (1,), generator=g))] if config.scales else 1.0
-        angle = config.angles[int(torch.randint(len(config.angles), (1,), generator=g))] if config.angles else 0.0
+        scale = (
+            config.scales[int(torch.randint(len(config.scales), (1,), generator=g))] if config.scales else 1.0
+        )
+        angle = (
+            config.angles[int(torch.randint(len(config.angles), (1,), generator=g))] if config.angles else 0.0
+        )
         c, s = math.cos(math.radians(angle)) / scale, math.sin(math.radians(angle)) / scale
         thetas.append([[c, -s, 2 * shift[1] / side], [s, c, 2 * shift[0] / side]])
     theta = torch.tensor(thetas, dtype=x.dtype, device=x.device)
@@ -242,9 +266,9 @@ def rf_crop(image: Tensor, box: Box) -> Tensor:
     """The part of `image` (B, 3, H, W) under `box`, NaN where the box leaves the image."""
     y0, y1, x0, x1 = box.clipped()
     out = image.new_full((image.shape[0], image.shape[1], box.y1 - box.y0, box.x1 - box.x0), math.nan)
-    out[:, :, box.clip_top : box.clip_top + (y1 - y0), box.clip_left : box.clip_left + (x1 - x0)] = (
-        image[:, :, y0:y1, x0:x1]
-    )
+    out[:, :, box.clip_top : box.clip_top + (y1 - y0), box.clip_left : box.clip_left + (x1 - x0)] = image[
+        :, :, y0:y1, x0:x1
+    ]
     return out
 
 
@@ -303,7 +327,11 @@ def actmax(
                     values = []
                     for sl in chunks:
                         with amp:
-                            act = cap.run(_transform(leaf[sl], cfg, gens[sl], grey).contiguous(memory_format=CHANNELS_LAST))[layer]
+                            act = cap.run(
+                                _transform(leaf[sl], cfg, gens[sl], grey).contiguous(
+                                    memory_format=CHANNELS_LAST
+                                )
+                            )[layer]
                         if step == 0 and (min(channels) < 0 or max(channels) >= act.shape[1]):
                             raise ActmaxError(f"channels must be in 0-{act.shape[1] - 1} for layer {layer!r}")
                         value = _objective(act, rows[sl], objective)
@@ -334,8 +362,15 @@ def actmax(
             box = rf_box(rfs[layer], position[0], position[1], (size, size))
             crop = rf_crop(rgb, box)
     return ActmaxResult(
-        layer=layer, objective=objective, channels=list(channels), image=rgb, activation=final,
-        trace=trace.T.cpu().contiguous(), position=position, box=box, crop=crop,
+        layer=layer,
+        objective=objective,
+        channels=list(channels),
+        image=rgb,
+        activation=final,
+        trace=trace.T.cpu().contiguous(),
+        position=position,
+        box=box,
+        crop=crop,
     )
 
 
@@ -366,8 +401,14 @@ def _group(store: AtlasStore, layer: str, objective: str) -> zarr.Group:
 
 
 def prepare_actmax(
-    store: AtlasStore, model: nn.Module, layer: str, objective: str, *, config: ActmaxConfig,
-    seed: int = 0, block_size: int = 64,
+    store: AtlasStore,
+    model: nn.Module,
+    layer: str,
+    objective: str,
+    *,
+    config: ActmaxConfig,
+    seed: int = 0,
+    block_size: int = 64,
 ) -> dict[str, Any]:
     """Create the arrays of (layer, objective) and record the settings in the group attrs;
     ConfigMismatchError if the store already holds results made with other settings."""
@@ -377,12 +418,17 @@ def prepare_actmax(
     size, _, _ = _preprocessing(model, config.size)
     info = next(i for i in list_layers(model, input_size=size) if i.name == name)
     attrs: dict[str, Any] = {
-        "config": {**config.to_dict(), "size": size}, "seed": seed, "block_size": block_size,
+        "config": {**config.to_dict(), "size": size},
+        "seed": seed,
+        "block_size": block_size,
         "channels": info.channels,
     }
     c = info.channels
-    arrays = [("image", (c, 3, size, size), (1, 3, size, size)), ("activation", (c,), (block_size,)),
-              ("trace", (c, config.steps), (block_size, config.steps))]
+    arrays = [
+        ("image", (c, 3, size, size), (1, 3, size, size)),
+        ("activation", (c,), (block_size,)),
+        ("trace", (c, config.steps), (block_size, config.steps)),
+    ]
     if objective == "neuron":
         position = (info.shape[0] // 2, info.shape[1] // 2)
         box = rf_box(receptive_fields(model, input_size=size)[name], *position, (size, size))
@@ -422,7 +468,12 @@ def actmax_block(
     """Render one channel block with the settings `prepare_actmax` recorded, write it, and mark it
     done when it covers its whole channel range (a done block is skipped)."""
     key = block_key(layer, objective, block)
-    summary: dict[str, Any] = {"layer": layer, "objective": objective, "block": block, "channels": len(channels)}
+    summary: dict[str, Any] = {
+        "layer": layer,
+        "objective": objective,
+        "block": block,
+        "channels": len(channels),
+    }
     if store.is_done(key):
         return {**summary, "skipped": True}
     attrs: dict[str, Any] = dict(_group(store, layer, objective).attrs)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import abc
 import difflib
+import multiprocessing
 import os
 import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
@@ -480,6 +482,20 @@ class _Collate:
         return Batch(images, labels, indices, skipped)
 
 
+def loader_context() -> BaseContext:
+    """Start method for DataLoader workers: forkserver (spawn where missing), never a plain fork.
+
+    Forking a process that runs Prefect or Dask copies their threads' locks and exit hooks, and a
+    forked worker then dies at exit; forkserver workers fork from a clean server that has already
+    imported this module, so they start fast.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def iter_batches(
     ds: ImageDataset,
     indices: range,
@@ -503,6 +519,7 @@ def iter_batches(
             batch_sampler=[list(c) for c in chunks],
             collate_fn=collate,
             num_workers=num_workers,
+            multiprocessing_context=loader_context(),
             pin_memory=pin,
         )
         yield from loader

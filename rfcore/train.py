@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from rfcore.data import BadImageError, ImageDataset, iter_batches, open_dataset
+from rfcore.data import BadImageError, ImageDataset, iter_batches, loader_context, open_dataset
 from rfcore.errors import DataError, RfatlasError
 from rfcore.models import default_preprocessing, get_model, model_meta, save_checkpoint, select_device
 
@@ -218,6 +218,7 @@ def train(
             drop_last=True,
             num_workers=config.num_workers,
             persistent_workers=config.num_workers > 0,
+            multiprocessing_context=loader_context() if config.num_workers > 0 else None,
             pin_memory=cuda,
             collate_fn=_collate,
             generator=torch.Generator().manual_seed(seed),

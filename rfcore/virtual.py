@@ -25,8 +25,8 @@ class VirtualFilter:
 
     layer: str
     source: str
-    weight: Tensor          # (channel, in_channel, ky, kx): in_channel/ky/kx are those of `source`
-    coupling: Tensor        # (channel, k): W²[p,k,ĩ,ĵ] sorted in descending order
+    weight: Tensor  # (channel, in_channel, ky, kx): in_channel/ky/kx are those of `source`
+    coupling: Tensor  # (channel, k): W²[p,k,ĩ,ĵ] sorted in descending order
     coupling_index: Tensor  # (channel, k): the k (source output channel) of each coupling value
 
 
@@ -80,7 +80,11 @@ def default_virtual_layers(model: nn.Module) -> list[tuple[str, str]]:
     pairs = [(names[1], stem)] if convs[names[1]].in_channels == convs[stem].out_channels else []
     for name in names[2:]:
         conv = convs[name]
-        if name.endswith("downsample.0") and conv.in_channels == convs[stem].out_channels and conv.groups == 1:
+        if (
+            name.endswith("downsample.0")
+            and conv.in_channels == convs[stem].out_channels
+            and conv.groups == 1
+        ):
             pairs.append((name, stem))
     return pairs
 
@@ -96,12 +100,18 @@ def virtual_filter(model: nn.Module, layer: str, source: str | None = None) -> V
             f"{layer!r} reads {w2.shape[1]} channels but {src!r} writes {w1.shape[0]}; pick another source"
         )
     values, index = coupling(w2).sort(dim=1, descending=True, stable=True)
-    return VirtualFilter(layer=layer, source=src, weight=compose(w2, w1), coupling=values, coupling_index=index)
+    return VirtualFilter(
+        layer=layer, source=src, weight=compose(w2, w1), coupling=values, coupling_index=index
+    )
 
 
 def write_virtual(store: AtlasStore, vf: VirtualFilter) -> None:
     """Write `layers/<layer>/virtual_filter` and the sorted coupling weights; attrs name the source conv."""
-    arrays = {"virtual_filter": vf.weight, "virtual_coupling": vf.coupling, "virtual_coupling_index": vf.coupling_index}
+    arrays = {
+        "virtual_filter": vf.weight,
+        "virtual_coupling": vf.coupling,
+        "virtual_coupling_index": vf.coupling_index,
+    }
     for name, data in arrays.items():
         shape = tuple(data.shape)
         arr = store.require_array(spec(f"layers/{{layer}}/{name}"), shape, shape, layer=vf.layer)

@@ -100,6 +100,9 @@ BAD = [
     (["ls", "{tmp}/nothing.zarr"], "no atlas"),
     (["verify", "{tmp}/file.txt"], ""),
     (["rf", "alexnett"], "did you mean 'alexnet'"),
+    (["rf"], "needs a model"),
+    (["rf", "resnet18", "--model", "resnet34"], "given twice"),
+    (["ingest", "synthetic:4", "--size", "16"], "needs an output"),
     (
         ["train", "--model", "resnet10t", "--data", "synthetic-train:8", "--out", "{tmp}/m.pt"],
         "fewer than one batch",
@@ -139,13 +142,30 @@ def test_ls_verify_rf(small_atlas: str, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["verify", small_atlas]) == 0
     assert "ok" in capsys.readouterr().out
     assert main(["rf", "resnet10t"]) == 0
-    assert "layer4.0" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "layer4.0" in table
+    assert main(["rf", "--model", "resnet10t"]) == 0
+    assert capsys.readouterr().out == table
+    assert main(["models"]) == 0
+    assert "resnet34" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("form", ["positional", "option"])
+def test_ingest_then_read_back(form: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = str(tmp_path / "images.zarr")
+    out = [url] if form == "positional" else ["--out", url]
+    assert main(["ingest", "synthetic:6", *out, "--model", "resnet10t", "--quiet"]) == 0
+    assert f"ingested 6 images into {url}; 0 skipped" in capsys.readouterr().out
+    from rfcore.data import open_dataset
+
+    stored, original = open_dataset(f"zarr:{url}", size=64), open_dataset("synthetic:6", size=64)
+    assert len(stored) == 6 and (stored.get(5)[0] == original.get(5)[0]).all()
 
 
 def test_parser_surface() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"demo", "run", "train", "ingest", "rf", "ls", "verify"} <= set(sub.choices)
+    assert {"demo", "run", "train", "ingest", "rf", "models", "ls", "verify"} <= set(sub.choices)
     args = parser.parse_args(["run", "--model", "m", "--data", "d", "--out", "o"])
     assert args.k == 16 and args.layers == "default" and args.device == "auto" and args.analyses == "sweep"
     with pytest.raises(SystemExit):

@@ -144,7 +144,13 @@ def test_presets_follow_the_paper_and_lucid() -> None:
     assert (k.param, k.init, k.lr, k.weight_decay, k.steps) == ("pixel", "zero", 0.1, 1e-6, 31)
     assert preset("kobayashi2020", size=224).size == 224
     lucid = preset("lucid")
-    assert (lucid.param, lucid.decorrelate, lucid.lr, lucid.steps, lucid.size) == ("fft", True, 0.05, 512, 128)
+    assert (lucid.param, lucid.decorrelate, lucid.lr, lucid.steps, lucid.size) == (
+        "fft",
+        True,
+        0.05,
+        512,
+        128,
+    )
     assert lucid.pad and lucid.jitter and lucid.scales and lucid.angles
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +268,24 @@ def test_iter_batches_with_workers_matches_in_process() -> None:
     b = list(iter_batches(ds, range(3, 30), 10, num_workers=2))
     assert [x.indices.tolist() for x in a] == [x.indices.tolist() for x in b]
     assert all(torch.equal(x.images, y.images) for x, y in zip(a, b, strict=True))
+
+
+def test_loader_workers_survive_a_parent_with_fork_hostile_exit_hooks() -> None:
+    """Prefect registers a thread exit hook that fails in forked children; workers must not inherit it."""
+    parent = os.getpid()
+
+    def fail_in_children() -> None:
+        if os.getpid() != parent:
+            raise AssertionError("inherited exit hook ran in a loader worker")
+
+    threading._register_atexit(fail_in_children)  # type: ignore[attr-defined]
+    try:
+        ds = open_dataset("synthetic:12", size=16)
+        batches = list(iter_batches(ds, range(12), 4, num_workers=2))
+    finally:
+        hooks = threading._threading_atexits  # type: ignore[attr-defined]
+        hooks[:] = [h for h in hooks if getattr(h, "func", h) is not fail_in_children]
+    assert [b.indices.tolist() for b in batches] == [list(range(i, i + 4)) for i in (0, 4, 8)]
 
 
 # ------------------------------------------------------------------------------------------ sharding
