@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import getpass
-import importlib
 import inspect
 import os
 import socket
@@ -19,11 +18,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from prefect import flow
+from prefect import Flow, flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 
+from flows.actmax import actmax_analysis
+from flows.noise import inactive_analysis, noise_analysis
 from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
 from flows.runner import gpu_annotation, make_task_runner, shared_runner
 from rfcore.data import SkippedImage
@@ -34,30 +35,14 @@ from rfcore.schema import sweep_shard_key
 from rfcore.store import AtlasStore, redact
 from tasks import atlas as T
 
-#: Analyses in the order they run; each but `sweep` is a subflow `(module, flow name)` by its engineer.
-ANALYSES: dict[str, tuple[str, str] | None] = {
+#: Analyses in the order they run; each but `sweep` runs as a subflow on the atlas store.
+ANALYSES: dict[str, Flow[..., Any] | None] = {
     "sweep": None,
-    "inactive": ("flows.noise", "inactive_analysis"),
-    "noise": ("flows.noise", "noise_analysis"),
-    "actmax": ("flows.actmax", "actmax_analysis"),
+    "inactive": inactive_analysis,
+    "noise": noise_analysis,
+    "actmax": actmax_analysis,
 }
 LEASE_TTL_S = 60.0
-
-
-def analysis_flow(name: str) -> Any | None:
-    """The subflow of analysis `name`, or None when its module is not there (yet)."""
-    target = ANALYSES.get(name)
-    if target is None:
-        return None
-    try:
-        module = importlib.import_module(target[0])
-    except ImportError:
-        return None
-    return getattr(module, target[1], None)
-
-
-def available_analyses() -> list[str]:
-    return [name for name in ANALYSES if name == "sweep" or analysis_flow(name) is not None]
 
 
 def parse_analyses(spec: str | Sequence[str] | None) -> list[str]:
@@ -69,18 +54,13 @@ def parse_analyses(spec: str | Sequence[str] | None) -> list[str]:
         items = [s.strip() for s in spec.split(",") if s.strip()]
     else:
         items = [str(s).strip() for s in spec]
-    have = available_analyses()
     if "all" in items:
-        return have
+        return list(ANALYSES)
     for name in items:
         if name not in ANALYSES:
             close = difflib.get_close_matches(name, list(ANALYSES), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise RfatlasError(f"unknown analysis {name!r}{hint} (known: {', '.join(ANALYSES)}, all)")
-        if name not in have:
-            raise RfatlasError(
-                f"analysis {name!r} is not available in this installation (have: {', '.join(have)})"
-            )
     return [name for name in ANALYSES if name in items or name == "sweep"]
 
 
@@ -296,9 +276,8 @@ def atlas(
             channels += int(store.layer_group(L).attrs["channels"])
         analysis_results: dict[str, Any] = {}
         for name in names[1:]:
-            sub = analysis_flow(name)
-            if sub is None:
-                raise RfatlasError(f"analysis {name!r} is not available")
+            sub = ANALYSES[name]
+            assert sub is not None
             kwargs = _subflow_kwargs(sub, device=device, seed=seed, **(analysis_options or {}).get(name, {}))
             emit(ProgressEvent("analysis", label, 0, 1, 0.0, None, {"analysis": name}))
             log.info("analysis %s on %s", name, safe_url)

@@ -15,8 +15,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from flows.atlas import atlas, parse_analyses
+from flows.noise import TABLE_TITLE, compare
 from flows.progress import ProgressEvent, emit
 from flows.runner import make_task_runner, shared_runner
+from rfcore.report import write_report
 from tasks.train import train_model
 
 DEMO: dict[str, Any] = {
@@ -111,18 +113,13 @@ def demo(
             "inactive": inactive_counts(store_url) if "inactive" in names else None,
         }
         log.info("demo: %s done (%s)", m, store_url)
-    try:
-        create_markdown_artifact(format_findings(results), key="demo-findings", description="rfatlas demo")
-    except Exception:
-        pass
+    if "noise" in names:
+        results["noise_table"] = compare([r["store"] for r in results["models"].values()])
+    create_markdown_artifact(format_findings(results), key="demo-findings", description="rfatlas demo")
     return results
 
 
-def _report(store_url: str, out_dir: str) -> str | None:
-    try:
-        from rfcore.report import write_report
-    except ImportError:
-        return None
+def _report(store_url: str, out_dir: str) -> str:
     return str(write_report(store_url, out_dir))
 
 
@@ -166,13 +163,8 @@ def inactive_counts(store_url: str) -> dict[str, int]:
     from rfcore.store import open_atlas
 
     a = open_atlas(store_url)
-    out = {}
-    for name in a.layers:
-        try:
-            out[name] = int(a.layer(name).array("inactive").sum())
-        except Exception:
-            continue
-    return out
+    layers = [a.layer(name) for name in a.layers]
+    return {la.name: int(la.array("inactive").sum()) for la in layers if "inactive" in la.group}
 
 
 def format_findings(results: dict[str, Any]) -> str:
@@ -196,6 +188,7 @@ def format_findings(results: dict[str, Any]) -> str:
             parts = [f"{k} {v}" for k, v in r["inactive"].items()]
             lines.append(f"  inactive channels: {', '.join(parts) if parts else 'none recorded'}")
         lines.append(f"  store:  {r['store']}")
-        if r.get("report"):
-            lines.append(f"  report: {r['report']}")
+        lines.append(f"  report: {r['report']}")
+    if results.get("noise_table"):
+        lines += ["", f"{TABLE_TITLE}:", results["noise_table"].rstrip()]
     return "\n".join(lines)

@@ -28,12 +28,9 @@ def cpu_count() -> int:
 
 
 def gpu_count() -> int:
-    try:
-        import torch
+    import torch
 
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:
-        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def cluster_kwargs(
