@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow
 
 import rfcore.actmax as am
+from flows.runner import gpu_tasks
 from rfcore.errors import ConfigMismatchError, StoreError
 from rfcore.layers import list_layers, resolve_layers
 from rfcore.models import get_model
@@ -52,9 +53,10 @@ def actmax_analysis(
                 if store.is_done(am.block_key(layer, objective, block)):
                     skipped += 1
                 else:
-                    futures.append(
-                        actmax_block_task.submit(store_url, layer, objective, block, chans, device)
-                    )
+                    with gpu_tasks(device):
+                        futures.append(
+                            actmax_block_task.submit(store_url, layer, objective, block, chans, device)
+                        )
     virtual = [
         virtual_filter_task.submit(store_url, L, source) for L, source in default_virtual_layers(model)
     ]

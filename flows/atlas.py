@@ -2,7 +2,8 @@
 the selected analyses as subflows on the same cluster.
 
 Resume/idempotence live in the store: each shard writes its data, then its completion marker; a rerun
-submits only the shards without a marker (a half-written shard is simply redone), and merge/crop
+sweeps only the shards without a marker (a half-written shard is simply redone; marked ones return at
+once with their skipped files), and merge/crop
 steps skip layers already marked. The flow holds the store's lease while it runs, so a second run on
 the same store refuses (`StoreLockedError`); the lease expires if this process dies.
 """
@@ -26,7 +27,7 @@ from prefect.logging import get_run_logger
 from flows.actmax import actmax_analysis
 from flows.noise import inactive_analysis, noise_analysis
 from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
-from flows.runner import gpu_annotation, make_task_runner, shared_runner
+from flows.runner import gpu_tasks, make_task_runner, shared_runner
 from rfcore.data import SkippedImage
 from rfcore.errors import RfatlasError
 from rfcore.models import select_device
@@ -64,9 +65,13 @@ def parse_analyses(spec: str | Sequence[str] | None) -> list[str]:
     return [name for name in ANALYSES if name in items or name == "sweep"]
 
 
-def check_device(device: str) -> str:
+def check_device(device: str, *, here: bool = True) -> str:
+    """Validate `--device`; with `here`, also that this machine can use it (not when the tasks run
+    on an existing Dask cluster, whose workers may have GPUs this machine lacks)."""
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise RfatlasError(f"bad --device {device!r}; expected auto, cpu, cuda or cuda:N")
+    if not here:
+        return device
     try:
         select_device(device)
     except RfatlasError:
@@ -101,12 +106,14 @@ def check_inputs(
     seed: int = 0,
     batch_size: int = 64,
     patch_max: int = 64,
+    remote: bool = False,
 ) -> dict[str, Any]:
     """Validate every input of an atlas run without Prefect or Dask (the CLI calls this first, so bad
-    input fails in a second with one line): model, weights, layers, data, device, analyses, and the
-    store (reachable; same run identity if it exists; not leased by a live run). Creates the store's
-    skeleton, exactly as the flow would. Returns the run plan."""
-    check_device(device)
+    input fails in a second with one line): model, weights, layers, data, device (on this machine
+    unless the work runs on a `remote` cluster), analyses, and the store (reachable; same run identity
+    if it exists; not leased by a live run). Creates the store's skeleton, exactly as the flow would.
+    Returns the run plan."""
+    check_device(device, here=not remote)
     names = parse_analyses(analyses)
     if k < 1 or shard_size < 1 or batch_size < 1 or patch_max < 1:
         raise RfatlasError(
@@ -187,7 +194,7 @@ def atlas(
     log = get_run_logger()
     t0 = time.perf_counter()
     names = parse_analyses(analyses)
-    check_device(device)
+    check_device(device, here=not _external_cluster(_current_runner()))
     plan = T.prepare_store(
         store_url, model=model, weights=weights, data=data, layers=layers, k=k,
         shard_size=shard_size, batch_size=batch_size, patch_max=patch_max, seed=seed,
@@ -210,9 +217,7 @@ def atlas(
             safe_url,
         )
         progress = SweepProgress(label, total, already=resumed)
-        runner = _current_runner()
-        annotate = gpu_annotation(runner, device)
-        log.info("task runner: %s", _describe_runner(runner))
+        log.info("task runner: %s", _describe_runner(_current_runner()))
         common = dict(
             model=model, weights=weights, data=data, image_size=plan["image_size"],
             resize=plan["resize"], device=device, seed=seed,
@@ -221,12 +226,7 @@ def atlas(
         # Every shard is submitted: finished ones return at once (cached) with their skipped images,
         # so a resumed run still records the skipped files of shards an earlier run swept.
         order = pending + [s for s in range(n) if s not in pending]
-        if annotate:
-            import dask
-
-            with dask.annotate(**annotate):
-                futures = [T.sweep_shard.submit(store_url, s, n, **common) for s in order]
-        else:
+        with gpu_tasks(device):
             futures = [T.sweep_shard.submit(store_url, s, n, **common) for s in order]
         failed: list[BaseException] = []
         swept = 0
@@ -322,6 +322,13 @@ def _current_runner() -> Any:
 
     ctx = FlowRunContext.get()
     return ctx.task_runner if ctx else None
+
+
+def _external_cluster(runner: Any) -> bool:
+    """True when tasks run on a Dask cluster this flow connected to by address (not one it started)."""
+    from prefect_dask import DaskTaskRunner
+
+    return isinstance(runner, DaskTaskRunner) and runner._cluster is None
 
 
 def _describe_runner(runner: Any) -> str:

@@ -62,7 +62,7 @@ def _run_with_bar(fn: Any, *fargs: Any, **fkwargs: Any) -> Any:
 # --- commands ---------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.atlas import check_inputs
-    from flows.runner import check_dask_address, make_task_runner
+    from flows.runner import ADDRESS_ENV, check_dask_address, make_task_runner
 
     out = _out_url(args.out)
     layers = args.layers
@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dask_address:
         check_dask_address(args.dask_address)
     runner = make_task_runner(args.workers, args.dask_address, device=args.device)
-    plan = check_inputs(**params)
+    plan = check_inputs(**params, remote=bool(args.dask_address or os.environ.get(ADDRESS_ENV)))
     params["analyses"] = plan["analyses"]
     print(
         f"rfatlas: {args.model} on {args.data}: {plan['num_images']} images, {plan['num_shards']} shard(s), "
@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     from flows.atlas import check_device
 
-    check_device(args.device)
+    check_device(args.device, here=not args.dask_address)
     if args.dask_address:
         check_dask_address(args.dask_address)
     from flows.train import train

@@ -17,7 +17,7 @@ from prefect.logging import get_run_logger
 from flows.atlas import atlas, parse_analyses
 from flows.noise import TABLE_TITLE, compare
 from flows.progress import ProgressEvent, emit
-from flows.runner import make_task_runner, shared_runner
+from flows.runner import gpu_tasks, make_task_runner, shared_runner
 from rfcore.report import write_report
 from tasks.train import train_model
 
@@ -72,19 +72,20 @@ def demo(
     if "://" not in base:
         Path(base).mkdir(parents=True, exist_ok=True)
     emit(ProgressEvent("train", "train", 0, len(models), 0.0, None))
-    trains = {
-        m: train_model.submit(
-            m,
-            train_data,
-            _join(base, "checkpoints", f"{m}.pt"),
-            val_data=val_data,
-            recipe=recipe,
-            overrides=train_overrides,
-            device=device,
-            seed=seed,
-        )
-        for m in models
-    }
+    with gpu_tasks(device):
+        trains = {
+            m: train_model.submit(
+                m,
+                train_data,
+                _join(base, "checkpoints", f"{m}.pt"),
+                val_data=val_data,
+                recipe=recipe,
+                overrides=train_overrides,
+                device=device,
+                seed=seed,
+            )
+            for m in models
+        }
     trained = {m: f.result() for m, f in trains.items()}
     emit(ProgressEvent("train", "train", len(models), len(models), 0.0, None, {"trained": trained}))
     results: dict[str, Any] = {"out": base, "models": {}}

@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.runner import gpu_tasks
 from rfcore.errors import RfatlasError
 from rfcore.inactive import default_layer
 from rfcore.models import get_model
@@ -55,7 +56,8 @@ def noise_analysis(
     name = _layer(store, layer)
     pending = prepare_noise_task(store_url, name, conds, sigma, seed, threshold)
     n_shards = store.num_shards
-    futures = [noise_shard_task.submit(store_url, name, c, s, n_shards, device) for c, s in pending]
+    with gpu_tasks(device):
+        futures = [noise_shard_task.submit(store_url, name, c, s, n_shards, device) for c, s in pending]
     failed = []
     for (cond, shard), fut in zip(pending, futures, strict=True):
         try:

@@ -3,7 +3,8 @@
 * default: a `LocalCluster` sized to the machine: worker processes × 1 task thread each, with torch's
   intra-op threads set so that workers × torch threads = cores (`RFATLAS_TORCH_THREADS`);
 * `address="tcp://HOST:8786"`: an existing cluster (`dask-cuda`, `dask-kubernetes`, `dask-jobqueue`, ...);
-* GPU machines: one worker per GPU with `resources={"GPU": 1}`; tasks that run the model ask for it.
+* GPU machines: one worker per GPU (`LocalGPUCluster`: each worker sees only its own GPU) with
+  `resources={"GPU": 1}`; tasks that run the model ask for it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
+
+from distributed import LocalCluster
 
 from rfcore.errors import RfatlasError
 
@@ -33,10 +36,41 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def gpu_ids() -> list[str]:
+    """The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` names them (indices or UUIDs)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible:
+        return [g.strip() for g in visible.split(",") if g.strip()][: gpu_count()]
+    return [str(i) for i in range(gpu_count())]
+
+
+class LocalGPUCluster(LocalCluster):
+    """A `LocalCluster` whose worker i sees only GPU `gpu_ids[i % len(gpu_ids)]` (its own
+    `CUDA_VISIBLE_DEVICES`, as dask-cuda's LocalCUDACluster does), so `cuda` means that GPU there."""
+
+    def __init__(self, *, gpu_ids: list[str], **kwargs: Any) -> None:
+        if not gpu_ids:
+            raise RfatlasError("LocalGPUCluster needs at least one GPU")
+        self.gpu_ids = list(gpu_ids)
+        super().__init__(**kwargs)
+
+    async def _start(self) -> None:
+        for i, name in enumerate(sorted(self.worker_spec)):
+            spec = self.worker_spec[name]
+            options = dict(spec.get("options", {}))
+            options["env"] = {
+                **options.get("env", {}),
+                "CUDA_VISIBLE_DEVICES": self.gpu_ids[i % len(self.gpu_ids)],
+            }
+            self.worker_spec[name] = {**spec, "options": options}
+        await super()._start()
+
+
 def cluster_kwargs(
     workers: int | None = None, *, device: str = "auto", threads: int | None = None
 ) -> dict[str, Any]:
-    """`LocalCluster` arguments sized to this machine (see the module doc)."""
+    """`LocalCluster` arguments sized to this machine (see the module doc); on GPU machines they
+    include `gpu_ids`, the arguments of a `LocalGPUCluster`."""
     cores = cpu_count()
     gpus = gpu_count() if device in ("auto", "cuda") or device.startswith("cuda:") else 0
     if device.startswith("cuda") and gpus == 0:
@@ -67,6 +101,8 @@ def cluster_kwargs(
             kw["env"][key] = os.environ[key]
     if gpus:
         kw["resources"] = {GPU_RESOURCE: 1}
+        if not device.startswith("cuda:"):  # cuda:N names a GPU of the machine: every worker sees all
+            kw["gpu_ids"] = gpu_ids()
     return kw
 
 
@@ -86,9 +122,9 @@ def make_task_runner(
         address = address or os.environ.get(ADDRESS_ENV) or None
     if address:
         return DaskTaskRunner(address=address)
+    kwargs = cluster_kwargs(workers, device=device, threads=threads)
     return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs=cluster_kwargs(workers, device=device, threads=threads),
+        cluster_class=LocalGPUCluster if "gpu_ids" in kwargs else LocalCluster, cluster_kwargs=kwargs
     )
 
 
@@ -135,6 +171,20 @@ def gpu_annotation(runner: Any, device: str) -> dict[str, Any]:
     if any(w.get("resources", {}).get(GPU_RESOURCE) for w in workers.values()):
         return {"resources": {GPU_RESOURCE: 1}}
     return {}
+
+
+def gpu_tasks(device: str) -> contextlib.AbstractContextManager[Any]:
+    """Context for submitting model-running tasks from a flow: on a cluster with GPU workers each
+    task asks for one GPU (`dask.annotate`), so at most one runs per GPU."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    annotate = gpu_annotation(ctx.task_runner if ctx else None, device)
+    if not annotate:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(**annotate)
 
 
 def quiet_logs(verbose: bool = False) -> None:

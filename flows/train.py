@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.runner import gpu_tasks
 from rfcore.errors import RfatlasError
 from rfcore.models import default_preprocessing
 from tasks.train import train_config, train_model
@@ -48,7 +49,9 @@ def train(
 ) -> str:
     """Train `model` on `data` (recipe `quick` or `paper`, with TrainConfig field overrides such as
     `{"epochs": 3}`); returns the checkpoint URL."""
-    result = train_model.submit(
-        model, data, out, val_data=val_data, recipe=recipe, overrides=overrides, device=device, seed=seed
-    ).result()
+    with gpu_tasks(device):
+        future = train_model.submit(
+            model, data, out, val_data=val_data, recipe=recipe, overrides=overrides, device=device, seed=seed
+        )
+    result = future.result()
     return str(result["checkpoint_url"])

@@ -23,7 +23,7 @@ from rfcore.errors import StoreError
 from rfcore.models import get_model, model_meta
 from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
-from rfcore.store import AtlasStore
+from rfcore.store import AtlasStore, refuse_credentials
 from rfcore.sweep import (
     STATE_KEYS,
     LayerReducer,
@@ -56,6 +56,9 @@ def prepare_store(
         raise StoreError(
             f"bad sweep options k={k} patch_max={patch_max} shard_size={shard_size} batch_size={batch_size}"
         )
+    if weights:
+        refuse_credentials(weights, "weights")
+    refuse_credentials(data_spec, "data")
     model = get_model(model_name, weights=weights, seed=seed)
     pre = model_meta(model).preprocessing
     dataset = open_dataset(data_spec, size=pre.size, resize=pre.resize)

@@ -28,6 +28,7 @@ IDENTITY_KEYS = (
     "shard_size",
     "batch_size",
     "layers",
+    "seed",  # the weights of a model built without `weights`
 )
 _RUN_KEYS = ("model", "weights", "dataset", "num_images", "image_size")
 

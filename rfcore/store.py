@@ -72,9 +72,22 @@ class AtlasLayerNotFoundError(UnknownLayerError, StoreError):
     """The atlas has no such layer."""
 
 
+_CREDENTIALS = re.compile(r"([a-z0-9+.-]+://)[^/@\s]*@", flags=re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """`url` without any user:password part (safe for messages)."""
-    return re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", url)
+    """`url` (or a data spec such as `zarr:s3://...`) without any user:password part (safe for messages)."""
+    return _CREDENTIALS.sub(r"\1", url)
+
+
+def refuse_credentials(value: str, what: str) -> None:
+    """StoreError when `value` embeds a user:password part: a URL stored in attrs or named in a run
+    must not carry secrets (they come from the environment, e.g. AWS_ACCESS_KEY_ID)."""
+    if _CREDENTIALS.search(value):
+        raise StoreError(
+            f"{what} {redact(value)!r} embeds credentials; give them in the environment "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) instead"
+        )
 
 
 def _is_local(url: str) -> bool:

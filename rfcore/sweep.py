@@ -148,7 +148,7 @@ def _plan(geo: PatchGeometry, grid: tuple[int, int]) -> _Plan:
         phase = geo.first[a] % f
         j0 = -1 if phase else 0  # absolute cell index of pooled row 0
         length = -(-((f - phase) % f + geo.image_hw[a]) // f)
-        st = geo.stride[a] // f
+        st = geo.stride[a] // f or 1  # stride 0: a layer that sees the whole image (a 1x1 map)
         i0 = (geo.first[a] - phase) // f - j0  # pooled row of unit 0's window
         ilast = i0 + (grid[a] - 1) * st
         r_lo = max(0, -ilast)
@@ -211,9 +211,11 @@ class LayerReducer:
         *,
         pooled: dict[tuple[int, int, int, torch.dtype], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Feed one batch: `acts` (B,C,H,W), uint8 `images` (B,3,S,S), increasing dataset `indices`
+        """Feed one batch: `acts` (B,C,H,W) or (B,C) for a linear layer, uint8 `images` (B,3,S,S), increasing dataset `indices`
         (B,). `pooled` caches pooled images across the layers of one batch. Returns the per-image
         spatial max (B,C) float32 and its flat argmax (B,C) int64 (first occurrence)."""
+        if acts.dim() == 2:  # a linear layer: one unit per channel, seeing the whole image
+            acts = acts[:, :, None, None]
         b, c, h, w = acts.shape
         if c != self.channels or images.shape[0] != b or indices.shape[0] != b:
             raise ValueError(f"batch shapes disagree: acts {tuple(acts.shape)}, images {tuple(images.shape)}")

@@ -11,7 +11,7 @@ from rfcore.actmax import actmax_block
 from rfcore.store import AtlasStore
 from rfcore.virtual import virtual_filter, write_virtual
 from tasks.policy import GPU_TAG, TASK_OPTIONS
-from tasks.runtime import cached_model
+from tasks.runtime import run_model
 
 
 def _block_run_name() -> str:
@@ -26,7 +26,7 @@ def actmax_block_task(
 ) -> dict[str, Any]:
     """Render one (layer, objective, channel block) with the settings in the store; skips a done block."""
     store = AtlasStore.open(store_url, "r+")
-    model = cached_model(store.run["model"], store.run.get("weights"), device)
+    model = run_model(store.run, device)
     return actmax_block(store, model, layer, objective, block, channels)
 
 
@@ -34,6 +34,6 @@ def actmax_block_task(
 def virtual_filter_task(store_url: str, layer: str, source: str) -> dict[str, Any]:
     """Write the virtual filters of `layer` through `source` (CPU: weights only)."""
     store = AtlasStore.open(store_url, "r+")
-    vf = virtual_filter(cached_model(store.run["model"], store.run.get("weights"), "cpu"), layer, source)
+    vf = virtual_filter(run_model(store.run, "cpu"), layer, source)
     write_virtual(store, vf)
     return {"layer": layer, "source": source, "shape": list(vf.weight.shape)}

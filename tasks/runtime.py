@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +27,11 @@ def cached_model(name: str, weights: str | None, device: str, seed: int = 0) -> 
     The lock makes concurrent first calls from task threads build the model once, not once each."""
     with _LOAD_LOCK:
         return _load_model(name, weights, device, seed)
+
+
+def run_model(run: Mapping[str, Any], device: str) -> nn.Module:
+    """`cached_model` of an atlas's `run` attrs: the swept model, also when it was built from a seed."""
+    return cached_model(run["model"], run.get("weights"), device, int(run["config"].get("seed", 0)))
 
 
 @lru_cache(maxsize=4)

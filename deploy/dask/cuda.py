@@ -16,7 +16,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, default=8786)
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept flows from other machines")
     args = p.parse_args()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:

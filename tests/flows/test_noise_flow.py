@@ -70,9 +70,13 @@ def test_inactive_then_noise_flow_detects_stores_and_resumes(tmp_path: Path, che
     assert summary["num_inactive"] == 3 and summary["inactive"] == DEAD and summary["layer"] == "maxpool"
     conds = summary["conditions"]
     assert set(conds) == set(CONDITIONS) and all(c["images"] == N for c in conds.values())
+    base = per_image(url, "baseline")["loss"].astype(np.float64)
     for cond in ("all", "random-one", "control"):
+        diff = per_image(url, cond)["loss"].astype(np.float64) - base
+        assert np.count_nonzero(diff) > N // 2  # noise into channels the next block reads moves the loss
+        assert conds[cond]["delta_loss"] == pytest.approx(diff.mean(), rel=1e-9)
         lo, hi = conds[cond]["delta_loss_ci"]
-        assert lo <= conds[cond]["delta_loss"] <= hi
+        assert lo < hi
     store = AtlasStore.open(url, "r")
     assert all(store.is_done(shard_key("maxpool", c, s)) for c in CONDITIONS for s in range(3))
     stored = dict(store.root["noise/maxpool"].attrs)["summary"]

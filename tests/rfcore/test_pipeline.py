@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
+import rfcore
 from rfcore.data import BadImageError, ImageDataset, open_dataset
-from rfcore.errors import StoreError
+from rfcore.errors import ConfigMismatchError, StoreError
 from rfcore.models import get_model
 from rfcore.pipeline import crop_patches, merge_layer, prepare_store, run_sweep, sweep_shard
 from rfcore.sweep import SweepConfig, sweep_dataset
@@ -177,3 +178,64 @@ def test_skipped_images_are_nan_rows_and_reported(tmp_path: Path) -> None:
     assert np.isnan(act[4]).all() and not np.isnan(act[:4]).any() and np.isnan(act[12:]).all()
     again = sweep_shard(url, 0, model=get_model(MODEL), dataset=ds, device="cpu")
     assert again["cached"] and again["skipped"] == want
+
+
+def test_linear_layer_units_see_the_whole_image(tmp_path: Path) -> None:
+    """`fc` (B, C) outputs are swept as 1x1 maps: top-k = the images with the highest logits."""
+    import torch
+
+    url = str(tmp_path / "fc")
+    run_sweep(url, model_name=MODEL, data_spec=DATA, layers="fc", k=K, shard_size=12, batch_size=BATCH,
+              device="cpu", progress=False)  # fmt: skip
+    model, ds = get_model(MODEL), open_dataset(DATA, size=64)
+    images = torch.from_numpy(np.stack([ds.get(i)[0] for i in range(N)]))
+    with torch.inference_mode():
+        logits = model(model.rfatlas_meta.preprocessing.normalize(images)).numpy()
+    a = rfcore.open_atlas(url).layer("fc")
+    order = np.argsort(-logits, axis=0, kind="stable")[:K].T  # (class, k), ties to the lower index
+    np.testing.assert_array_equal(read(url, "layers/fc/topk/image"), order)
+    np.testing.assert_allclose(read(url, "layers/fc/activation"), logits, rtol=1e-5, atol=1e-5)
+    assert a.to_xarray()["topk/patch"].shape[-1] == 64 and (read(url, "layers/fc/topk/y") == 0).all()
+
+
+def test_seed_of_a_random_model_is_part_of_the_identity(tmp_path: Path) -> None:
+    url = str(tmp_path / "seeded")
+    common: dict[str, Any] = dict(model_name=MODEL, weights=None, data_spec=DATA, layers="conv1", k=K,
+                                  shard_size=12, batch_size=BATCH)  # fmt: skip
+    prepare_store(url, seed=0, **common)
+    prepare_store(url, seed=0, **common)  # same identity: reopens
+    with pytest.raises(ConfigMismatchError, match="seed"):
+        prepare_store(url, seed=1, **common)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("weights", "s3://key:secret@bucket/model.pt"), ("data_spec", "zarr:s3://key:secret@bucket/images.zarr")],
+)
+def test_urls_with_credentials_are_refused(tmp_path: Path, field: str, value: str) -> None:
+    kwargs: dict[str, Any] = dict(model_name=MODEL, weights=None, data_spec=DATA, layers="conv1")
+    kwargs[field] = value
+    with pytest.raises(StoreError, match="embeds credentials") as info:
+        prepare_store(str(tmp_path / "creds"), **kwargs)
+    assert "secret" not in str(info.value)
+    assert not (tmp_path / "creds").exists()
+
+
+def test_corrupt_jpeg_is_skipped_and_listed_in_the_atlas(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "val"
+    for k in range(5):
+        (folder / "cls").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), (40 * k, 100, 0)).save(folder / "cls" / f"i{k}.jpg", format="JPEG")
+    bad = folder / "cls" / "i2.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    url = str(tmp_path / "folder.zarr")
+    out = run_sweep(url, model_name=MODEL, data_spec=f"imagefolder:{folder}", layers="conv1", k=2,
+                    shard_size=4, batch_size=2, device="cpu", progress=False)  # fmt: skip
+    assert out["images"] == 4 and out["skipped"] == 1
+    atlas = rfcore.open_atlas(url)
+    assert [(s["index"], Path(s["path"]).name) for s in atlas.skipped] == [(2, "i2.jpg")]
+    act = read(url, "layers/conv1/activation")
+    assert np.isnan(act[2]).all() and not np.isnan(np.delete(act, 2, axis=0)).any()
+    assert 2 not in read(url, "layers/conv1/topk/image")
