@@ -120,6 +120,15 @@ def pool_images(images: Tensor, factor: int, phase: tuple[int, int], dtype: torc
     return x.view(b, c, hh // factor, factor, ww // factor, factor).sum(dim=(3, 5), dtype=dtype)
 
 
+def _count_over_batch(mask: Tensor) -> Tensor:
+    """Sum of a bool mask (B, ...) over its first dim as int32 (...): elementwise adds of one item at
+    a time, which beat torch's reduction of bool over a dim many times over."""
+    count = mask[0].to(torch.int32)
+    for item in mask[1:]:
+        count += item
+    return count
+
+
 def _order_key(value: Tensor, index: Tensor) -> Tensor:
     """int64 key ordering (value desc, index asc) as key desc: value bits (NaN canonical and above
     +inf, -0 == +0) in the high word, `2**32 - 1 - index` in the low word (index -1 lowest)."""
@@ -139,6 +148,7 @@ class _Plan:
     pad: tuple[int, int, int, int]  # (left, right, top, bottom) zeros added to the pooled image
     start: tuple[int, int]  # pooled (padded) row/col of unit (0, 0)'s window
     step: tuple[int, int]  # pooled rows/cols between neighbouring units
+    image_rows: tuple[int, int]  # rows [lo, hi) of the padded, cut pooled image that hold pixels
 
 
 def _plan(geo: PatchGeometry, grid: tuple[int, int]) -> _Plan:
@@ -160,6 +170,8 @@ def _plan(geo: PatchGeometry, grid: tuple[int, int]) -> _Plan:
         pad.append((before, after))
         start.append(i0 + r_lo + before)
         step.append(st)
+        if a == 0:
+            image_rows = (before - start[0], before - start[0] + length)
     return _Plan(
         grid,
         (lo[0], lo[1]),
@@ -167,6 +179,7 @@ def _plan(geo: PatchGeometry, grid: tuple[int, int]) -> _Plan:
         (pad[1][0], pad[1][1], pad[0][0], pad[0][1]),
         (start[0], start[1]),
         (step[0], step[1]),
+        image_rows,
     )
 
 
@@ -230,7 +243,7 @@ class LayerReducer:
         self.max = torch.maximum(self.max, mx.amax(dim=0))
         s = acts.sum(dim=3).to(torch.float64).sum(dim=(0, 2))  # rows (over x) in float32, then float64
         self.sum_fixed += torch.round(s * _FIXED_SCALE).to(torch.int64)
-        self.zero_count += (flat == 0).sum(dim=2, dtype=torch.int32).sum(dim=0)
+        self.zero_count += _count_over_batch(flat == 0).sum(dim=1, dtype=torch.int64)
         self.position_count += b * h * w
         self._add_patches(images, positive, arg, (h, w), {} if pooled is None else pooled)
         return mx, arg
@@ -263,9 +276,9 @@ class LayerReducer:
 
         Two exact gathers, picked by cost: "rows" cuts every patch row of every unit position once
         (`unfold` along x, B*3*rows*W*ew values) and sums each channel's rows over the batch with
-        `embedding_bag` (float32, exact for integers below 2**24); "windows" gathers the (C,B)
-        windows directly (int16 when f <= 8, else int32) and sums them in int32; it wins when
-        feature maps are large and channels few.
+        `embedding_bag` (float32, exact for integers below 2**24); "windows" gathers each image's C
+        windows directly (int16 when f <= 8, else int32) and adds them up image by image; it wins
+        when feature maps are large and channels few.
         """
         plan = self._plans.get(grid)
         if plan is None:
@@ -278,7 +291,8 @@ class LayerReducer:
         h, w = grid
         (sy, sx), (ty, tx) = plan.start, plan.step
         rows, cols = (h - 1) * ty + eh, (w - 1) * tx + ew
-        use_rows = rows * w <= c * eh if self.gather == "auto" else self.gather == "rows"
+        # windows add up to 32+ images in int16 partials when f <= 2: then they win (measured)
+        use_rows = f > 2 and rows * w <= c * eh if self.gather == "auto" else self.gather == "rows"
         # rows: float32 for embedding_bag; windows: the narrowest exact integer type (less to move)
         dtype = torch.float32 if use_rows else torch.int16 if 255 * f * f < 2**15 else torch.int32
         key = (f, *geo.phase, dtype)
@@ -294,29 +308,38 @@ class LayerReducer:
         if use_rows:
             per_image = max(3 * rows * w * ew, c * 3 * eh)
             chunk = max(1, min((2**24 - 1) // (255 * f * f), _GATHER_BUDGET // per_image))
-            offs = (torch.arange(3, device=self.device) * rows).view(3, 1) + torch.arange(
-                eh, device=self.device
-            )
-            offs = (offs * w).view(1, 3 * eh, 1)
+            u = torch.arange(eh, device=self.device)
+            offs = ((torch.arange(3, device=self.device) * rows).view(3, 1) + u) * w  # (3, eh)
+            r_lo, r_hi = plan.image_rows
             for b0 in range(0, b, chunk):
                 n = min(chunk, b - b0)
                 table = img.new_zeros(n * 3 * rows * w + 1, ew)  # every row segment, then a zero row
                 table[:-1].view(n, 3, rows, w, ew).copy_(img[b0 : b0 + n].unfold(3, ew, tx))
                 local = torch.arange(n, device=self.device).view(1, n)
-                base = (local * 3 * rows + y[:, b0 : b0 + n] * ty) * w + x[:, b0 : b0 + n]
-                idx = base.view(c, 1, n) + offs
-                idx = torch.where(positive[b0 : b0 + n].t().view(c, 1, n), idx, table.shape[0] - 1)
+                yb = y[:, b0 : b0 + n] * ty  # (C, n) first cut row of each window
+                base = (local * 3 * rows + yb) * w + x[:, b0 : b0 + n]
+                idx = base.view(c, 1, 1, n) + offs.view(1, 3, eh, 1)
+                # rows outside the image and non-positive images point at the zero row, which
+                # embedding_bag skips (padding_idx): no reads for them
+                row = yb.view(c, 1, n) + u.view(1, eh, 1)
+                keep = (row >= r_lo) & (row < r_hi) & positive[b0 : b0 + n].t().view(c, 1, n)
+                idx = torch.where(keep.view(c, 1, eh, n), idx, table.shape[0] - 1)
                 part = F.embedding_bag(idx.reshape(c * 3 * eh, n), table, mode="sum")
                 acc += part.view(c, 3, eh, ew).to(torch.int64)
         else:
-            chunk = max(1, _GATHER_BUDGET // (c * 3 * eh * ew))
-            for b0 in range(0, b, chunk):
-                n = min(chunk, b - b0)
-                sub = torch.cat([img[b0 : b0 + n], img.new_zeros(1, *img.shape[1:])])
-                win = sub.unfold(2, eh, ty).unfold(3, ew, tx).permute(0, 2, 3, 1, 4, 5)  # (n+1,H,W,3,eh,ew)
-                local = torch.arange(n, device=self.device).view(1, n)
-                sel = torch.where(positive[b0 : b0 + n].t(), local, n)  # non-positive -> the zero image
-                acc += win[sel, y[:, b0 : b0 + n], x[:, b0 : b0 + n]].sum(dim=1, dtype=torch.int32)
+            sub = torch.cat([img, img.new_zeros(1, *img.shape[1:])])  # image b: zeros
+            win = sub.unfold(2, eh, ty).unfold(3, ew, tx).permute(0, 2, 3, 1, 4, 5)  # (b+1,H,W,3,eh,ew)
+            local = torch.arange(b, device=self.device).view(1, b)
+            sel = torch.where(positive.t(), local, b)  # non-positive -> the zero image
+            # One image at a time (a gather of C windows, then an elementwise add: far faster than a
+            # reduction over the batch), into a partial sum of the gather's own type, flushed into
+            # `acc` before it could overflow.
+            per_partial = max(1, (torch.iinfo(dtype).max // (255 * f * f)))
+            for j0 in range(0, b, per_partial):
+                part = win[sel[:, j0], y[:, j0], x[:, j0]]
+                for j in range(j0 + 1, min(b, j0 + per_partial)):
+                    part += win[sel[:, j], y[:, j], x[:, j]]
+                acc += part
         ly, lx = plan.lo
         self.stimulus_sum[:, :, ly : ly + eh, lx : lx + ew] += acc
 
