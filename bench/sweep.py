@@ -102,24 +102,28 @@ def throughput(args: argparse.Namespace, layers: str, device: torch.device) -> d
     }
 
 
+def peak_bytes(device: torch.device) -> int:
+    sync(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def child_memory(args: argparse.Namespace) -> None:
-    """Run the sweep over `args.child` images and print the peak memory (bytes) as JSON."""
+    """Sweep `args.child` images; print (JSON) the peak memory after the first batch and at the end."""
     device = select_device(args.device)
     runner, model = make_runner(args, "default", device)
     size = model_meta(model).preprocessing.size
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    first = None
     for images, indices in batches(args.child, args.batch, size, device.type == "cuda"):
         runner.step(images, indices)
-    sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({"images": args.child, "peak": peak}))
+        first = first if first is not None else peak_bytes(device)
+    print(json.dumps({"images": args.child, "first_batch": first, "peak": peak_bytes(device)}))
 
 
-def memory(args: argparse.Namespace, n: int) -> int:
+def memory(args: argparse.Namespace, n: int) -> dict[str, int]:
     cmd = [
         sys.executable,
         __file__,
@@ -139,7 +143,8 @@ def memory(args: argparse.Namespace, n: int) -> int:
     if args.amp is not None:
         cmd.append("--amp" if args.amp else "--no-amp")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return int(json.loads(out.strip().splitlines()[-1])["peak"])
+    result: dict[str, int] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:
@@ -147,16 +152,14 @@ def main() -> None:
     ap.add_argument("--model", default="resnet34")
     ap.add_argument("--images", type=int, default=32, help="images per timed repetition")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--patch-max", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--layer-sets", default="default,all-conv")
-    ap.add_argument(
-        "--memory-images", type=int, default=None, help="1x size for the memory check (default: --images)"
-    )
+    ap.add_argument("--memory-images", type=int, default=64, help="1x size for the memory check")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -176,13 +179,14 @@ def main() -> None:
         r = throughput(args, layers, device)
         print(f"{layers:<10} {r['layers']:>6} {r['bare']:>11.1f} {r['sweep']:>12.1f} {r['ratio']:>10.2f}x")
     if not args.no_memory:
-        n = args.memory_images or args.images
-        m1, m4 = memory(args, n), memory(args, 4 * n)
+        n = args.memory_images
         what = "cuda max_memory_allocated" if device.type == "cuda" else "ru_maxrss"
-        print(
-            f"peak memory ({what}, default layers): {n} images {m1 / 2**20:.0f} MiB, "
-            f"{4 * n} images {m4 / 2**20:.0f} MiB, ratio {m4 / m1:.3f}"
-        )
+        print(f"peak memory ({what}, default layers, fresh process each):")
+        runs = {size: memory(args, size) for size in (n, 4 * n)}
+        for size, m in runs.items():
+            grew = (m["peak"] - m["first_batch"]) / 2**20
+            print(f"  {size:>5} images: {m['peak'] / 2**20:7.0f} MiB (after the first batch: {grew:+.0f} MiB)")
+        print(f"  ratio {4 * n} / {n} images: {runs[4 * n]['peak'] / runs[n]['peak']:.3f}")
 
 
 if __name__ == "__main__":

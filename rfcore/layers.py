@@ -188,8 +188,9 @@ class _StopForward(Exception):
 class capture:  # lower-case: used like a function: `with capture(model, layers) as cap:`
     """Record the outputs of the named modules; hooks exist only inside the `with` block.
 
-    While active, every module with an `inplace` flag (ReLU, ...) runs out of place, so a captured
-    conv output is not overwritten by the following ReLU. With `stop_early`, the forward pass is
+    While active, a module with an `inplace` flag (ReLU, ...) runs out of place when its input is a
+    captured output, so a captured conv output is not overwritten by the following ReLU; elsewhere
+    it stays in place (no extra memory). With `stop_early`, the forward pass is
     cut off right after the last requested output is produced. Outputs keep their autograd graph.
     """
 
@@ -211,16 +212,24 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if isinstance(output, Tensor):
                 self.outputs[name] = output
+                self._storages.add(output.untyped_storage().data_ptr())
             if self.stop_early and len(self.outputs) == len(self.layers):
                 raise _StopForward
 
         return hook
 
+    def _guard_inplace(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Before an in-place module (ReLU, ...): run it out of place when it would overwrite a
+        captured output (e.g. VGG's ReLU after a captured conv); elsewhere it stays in place."""
+        module.inplace = not any(  # type: ignore[assignment]
+            isinstance(t, Tensor) and t.untyped_storage().data_ptr() in self._storages for t in inputs
+        )
+
     def __enter__(self) -> capture:
         self._inplace = [m for m in self.model.modules() if getattr(m, "inplace", None) is True]
-        for m in self._inplace:
-            m.inplace = False  # type: ignore[assignment]
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._modules]
+        self._storages: set[int] = set()
+        self._handles = [m.register_forward_pre_hook(self._guard_inplace) for m in self._inplace]
+        self._handles += [m.register_forward_hook(self._hook(n)) for n, m in self._modules]
         self._active = True
         return self
 
@@ -238,6 +247,7 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
         if not self._active:
             raise RuntimeError("capture.run() needs an active `with capture(...)` block")
         self.outputs = {}
+        self._storages = set()
         try:
             self.model(x)
         except _StopForward:

@@ -303,7 +303,8 @@ class LayerReducer:
             img = F.pad(img, plan.pad)
         img = img[:, :, sy : sy + rows, sx : sx + cols]
         y, x = (arg // w).t(), (arg % w).t()  # (C,B)
-        acc = torch.zeros((c, 3, eh, ew), dtype=torch.int64, device=self.device)
+        ly, lx = plan.lo
+        acc = self.stimulus_sum[:, :, ly : ly + eh, lx : lx + ew]  # a view: sums go straight in
         b = images.shape[0]
         if use_rows:
             per_image = max(3 * rows * w * ew, c * 3 * eh)
@@ -313,14 +314,14 @@ class LayerReducer:
             r_lo, r_hi = plan.image_rows
             for b0 in range(0, b, chunk):
                 n = min(chunk, b - b0)
-                table = img.new_zeros(n * 3 * rows * w + 1, ew)  # every row segment, then a zero row
+                table = img.new_empty(n * 3 * rows * w + 1, ew)  # every row segment, then a zero row
+                table[-1].zero_()
                 table[:-1].view(n, 3, rows, w, ew).copy_(img[b0 : b0 + n].unfold(3, ew, tx))
                 local = torch.arange(n, device=self.device).view(1, n)
                 yb = y[:, b0 : b0 + n] * ty  # (C, n) first cut row of each window
                 base = (local * 3 * rows + yb) * w + x[:, b0 : b0 + n]
                 idx = base.view(c, 1, 1, n) + offs.view(1, 3, eh, 1)
-                # rows outside the image and non-positive images point at the zero row, which
-                # embedding_bag skips (padding_idx): no reads for them
+                # rows outside the image and non-positive images read the zero row (it stays cached)
                 row = yb.view(c, 1, n) + u.view(1, eh, 1)
                 keep = (row >= r_lo) & (row < r_hi) & positive[b0 : b0 + n].t().view(c, 1, n)
                 idx = torch.where(keep.view(c, 1, eh, n), idx, table.shape[0] - 1)
@@ -340,8 +341,6 @@ class LayerReducer:
                 for j in range(j0 + 1, min(b, j0 + per_partial)):
                     part += win[sel[:, j], y[:, j], x[:, j]]
                 acc += part
-        ly, lx = plan.lo
-        self.stimulus_sum[:, :, ly : ly + eh, lx : lx + ew] += acc
 
     def merge(self, other: LayerReducer) -> None:
         """Fold another reducer of the same layer into this one (exact, order-independent)."""

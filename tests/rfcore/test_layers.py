@@ -120,15 +120,15 @@ def test_resolve_unknown_layer_suggests(resnet18: nn.Module) -> None:
 
 
 def _no_hooks(model: nn.Module) -> bool:
-    return all(not m._forward_hooks for m in model.modules())
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_capture_conv_output_is_pre_relu_and_exact(vgg16: nn.Module) -> None:
     x = torch.randn(2, 3, 32, 32)
     assert vgg16.features[1].inplace
     with capture(vgg16, ["features.0", "features.1", "features.2"]) as cap:
-        assert not vgg16.features[1].inplace
         out = cap.run(x)
+        assert not vgg16.features[1].inplace  # its input was captured: it ran out of place
     assert vgg16.features[1].inplace and _no_hooks(vgg16)
     conv0 = F.conv2d(x, vgg16.features[0].weight, vgg16.features[0].bias, padding=1)
     torch.testing.assert_close(out["features.0"], conv0)
@@ -142,6 +142,7 @@ def test_capture_block_output_matches_manual(resnet18: nn.Module) -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad(), capture(resnet18, ["layer1.0", "maxpool"]) as cap:
         out = cap.run(x)
+        assert resnet18.relu.inplace  # the stem's ReLU overwrites bn1's output, which is not captured
         stem = resnet18.maxpool(resnet18.relu(resnet18.bn1(resnet18.conv1(x))))
         torch.testing.assert_close(out["maxpool"], stem)
         torch.testing.assert_close(out["layer1.0"], resnet18.layer1[0](stem))
