@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rfcore.models import get_model, model_meta, select_device
-from rfcore.sweep import SweepRunner, amp_context, plan_layers
+from rfcore.sweep import SweepConfig, SweepRunner, amp_context, plan_layers
 
 
 def batches(n: int, batch: int, size: int, pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -150,8 +150,8 @@ def memory(args: argparse.Namespace, n: int) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet34")
-    ap.add_argument("--images", type=int, default=32, help="images per timed repetition")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--images", type=int, default=128, help="images per timed repetition")
+    ap.add_argument("--batch", type=int, default=SweepConfig().batch_size)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")

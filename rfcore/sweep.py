@@ -106,18 +106,49 @@ def patch_geometry(rf: RField, image_hw: tuple[int, int], patch_max: int = 64) -
 
 
 def pool_images(images: Tensor, factor: int, phase: tuple[int, int], dtype: torch.dtype) -> Tensor:
-    """Sum-pool uint8 images (B,3,H,W) over the `factor` grid whose cells start at `phase + j * factor`
-    (zeros outside the image). Cell -1 is included when `phase > 0`. Exact integers in `dtype`."""
-    x = images.to(dtype)
+    """Sum-pool uint8 (or integral float) images (B,3,H,W) over the `factor` grid whose cells start at `phase + j * factor`
+    (zeros outside the image). Cell -1 is included when `phase > 0`. Exact integers in `dtype`: the
+    pooling runs as a float32 average (a sum of at most 255·f² < 2**24, f a power of two: exact)."""
     if factor == 1:
-        return x
+        return images.to(dtype)
     h, w = images.shape[-2:]
     top, left = (factor - phase[0]) % factor, (factor - phase[1]) % factor
     bottom = -(top + h) % factor
     right = -(left + w) % factor
-    x = F.pad(x, (left, right, top, bottom))
-    b, c, hh, ww = x.shape
-    return x.view(b, c, hh // factor, factor, ww // factor, factor).sum(dim=(3, 5), dtype=dtype)
+    x = F.pad(images.to(torch.float32), (left, right, top, bottom))
+    return (F.avg_pool2d(x, factor) * (factor * factor)).to(dtype)
+
+
+_MARGIN = 64  # zero cells kept around pooled images: enough for patch_max-sized windows
+
+
+class BatchPools:
+    """Pooled images of one batch, shared by its layers: each (factor, phase, dtype) is pooled,
+    padded and copied once per batch instead of once per layer."""
+
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
+        self._float: Tensor | None = None
+        self._padded: dict[tuple[int, int, int, torch.dtype], tuple[Tensor, int]] = {}
+
+    def padded(
+        self, factor: int, phase: tuple[int, int], dtype: torch.dtype, margin: int
+    ) -> tuple[Tensor, int]:
+        """The batch pooled as `pool_images` does, inside at least `margin` zero cells on every side,
+        followed by one all-zero image: (buffer (B+1, 3, H', W'), its margin)."""
+        key = (factor, *phase, dtype)
+        hit = self._padded.get(key)
+        if hit is None or hit[1] < margin:
+            if self._float is None:  # one uint8 -> float32 conversion per batch
+                self._float = self.images.to(torch.float32)
+            source = self.images if factor == 1 else self._float
+            base = pool_images(source, factor, phase, dtype)
+            m = max(margin, _MARGIN)
+            b, _, hh, ww = base.shape
+            buffer = base.new_zeros(b + 1, 3, hh + 2 * m, ww + 2 * m)
+            buffer[:b, :, m : m + hh, m : m + ww] = base
+            hit = self._padded[key] = (buffer, m)
+        return hit
 
 
 def _count_over_batch(mask: Tensor) -> Tensor:
@@ -222,7 +253,7 @@ class LayerReducer:
         images: Tensor,
         indices: Tensor,
         *,
-        pooled: dict[tuple[int, int, int, torch.dtype], Tensor] | None = None,
+        pooled: BatchPools | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Feed one batch: `acts` (B,C,H,W) or (B,C) for a linear layer, uint8 `images` (B,3,S,S), increasing dataset `indices`
         (B,). `pooled` caches pooled images across the layers of one batch. Returns the per-image
@@ -245,7 +276,7 @@ class LayerReducer:
         self.sum_fixed += torch.round(s * _FIXED_SCALE).to(torch.int64)
         self.zero_count += _count_over_batch(flat == 0).sum(dim=1, dtype=torch.int64)
         self.position_count += b * h * w
-        self._add_patches(images, positive, arg, (h, w), {} if pooled is None else pooled)
+        self._add_patches(positive, arg, (h, w), BatchPools(images) if pooled is None else pooled)
         return mx, arg
 
     def _add_topk(self, mx: Tensor, arg: Tensor, indices: Tensor, w: int) -> None:
@@ -266,11 +297,10 @@ class LayerReducer:
 
     def _add_patches(
         self,
-        images: Tensor,
         positive: Tensor,
         arg: Tensor,
         grid: tuple[int, int],
-        pooled: dict[tuple[int, int, int, torch.dtype], Tensor],
+        pooled: BatchPools,
     ) -> None:
         """Add the patch of every (image, channel) with a positive max to `stimulus_sum`.
 
@@ -295,31 +325,29 @@ class LayerReducer:
         use_rows = f > 2 and rows * w <= c * eh if self.gather == "auto" else self.gather == "rows"
         # rows: float32 for embedding_bag; windows: the narrowest exact integer type (less to move)
         dtype = torch.float32 if use_rows else torch.int16 if 255 * f * f < 2**15 else torch.int32
-        key = (f, *geo.phase, dtype)
-        img = pooled.get(key)
-        if img is None:
-            img = pooled[key] = pool_images(images, f, geo.phase, dtype)
-        if any(plan.pad):
-            img = F.pad(img, plan.pad)
-        img = img[:, :, sy : sy + rows, sx : sx + cols]
+        left, _, top, _ = plan.pad
+        buffer, m = pooled.padded(f, geo.phase, dtype, max(plan.pad))
+        img = buffer[:, :, sy - top + m : sy - top + m + rows, sx - left + m : sx - left + m + cols]
         y, x = (arg // w).t(), (arg % w).t()  # (C,B)
         ly, lx = plan.lo
         acc = self.stimulus_sum[:, :, ly : ly + eh, lx : lx + ew]  # a view: sums go straight in
-        b = images.shape[0]
+        b = positive.shape[0]
         if use_rows:
             per_image = max(3 * rows * w * ew, c * 3 * eh)
             chunk = max(1, min((2**24 - 1) // (255 * f * f), _GATHER_BUDGET // per_image))
-            u = torch.arange(eh, device=self.device)
-            offs = ((torch.arange(3, device=self.device) * rows).view(3, 1) + u) * w  # (3, eh)
+            i32, dev = torch.int32, self.device  # table rows < 2**31: int32 indices
+            u = torch.arange(eh, dtype=i32, device=dev)
+            offs = ((torch.arange(3, dtype=i32, device=dev) * rows).view(3, 1) + u) * w  # (3, eh)
+            y32, x32 = y.to(torch.int32), x.to(torch.int32)
             r_lo, r_hi = plan.image_rows
             for b0 in range(0, b, chunk):
                 n = min(chunk, b - b0)
                 table = img.new_empty(n * 3 * rows * w + 1, ew)  # every row segment, then a zero row
                 table[-1].zero_()
                 table[:-1].view(n, 3, rows, w, ew).copy_(img[b0 : b0 + n].unfold(3, ew, tx))
-                local = torch.arange(n, device=self.device).view(1, n)
-                yb = y[:, b0 : b0 + n] * ty  # (C, n) first cut row of each window
-                base = (local * 3 * rows + yb) * w + x[:, b0 : b0 + n]
+                local = torch.arange(n, dtype=i32, device=dev).view(1, n)
+                yb = y32[:, b0 : b0 + n] * ty  # (C, n) first cut row of each window
+                base = (local * 3 * rows + yb) * w + x32[:, b0 : b0 + n]
                 idx = base.view(c, 1, 1, n) + offs.view(1, 3, eh, 1)
                 # rows outside the image and non-positive images read the zero row (it stays cached)
                 row = yb.view(c, 1, n) + u.view(1, eh, 1)
@@ -328,8 +356,7 @@ class LayerReducer:
                 part = F.embedding_bag(idx.reshape(c * 3 * eh, n), table, mode="sum")
                 acc += part.view(c, 3, eh, ew).to(torch.int64)
         else:
-            sub = torch.cat([img, img.new_zeros(1, *img.shape[1:])])  # image b: zeros
-            win = sub.unfold(2, eh, ty).unfold(3, ew, tx).permute(0, 2, 3, 1, 4, 5)  # (b+1,H,W,3,eh,ew)
+            win = img.unfold(2, eh, ty).unfold(3, ew, tx).permute(0, 2, 3, 1, 4, 5)  # (b+1,H,W,3,eh,ew)
             local = torch.arange(b, device=self.device).view(1, b)
             sel = torch.where(positive.t(), local, b)  # non-positive -> the zero image
             # One image at a time (a gather of C windows, then an elementwise add: far faster than a
@@ -529,7 +556,7 @@ class SweepRunner:
         with torch.inference_mode(), capture(self.model, list(self.reducers), stop_early=True) as cap:
             with amp_context(self.device, self.amp):
                 outputs = cap.run(self.preprocessing.normalize(images))
-            pooled: dict[tuple[int, int, int, torch.dtype], Tensor] = {}
+            pooled = BatchPools(images)
             maxima = [r.add(outputs[n], images, indices, pooled=pooled)[0] for n, r in self.reducers.items()]
         host = torch.cat(maxima, dim=1).cpu()  # one device-to-host copy per batch
         sizes = [r.channels for r in self.reducers.values()]
