@@ -3,13 +3,15 @@
   (a)  one channel per call through the full network, model parameters left trainable (Lucent's way:
        `render_vis` runs `model(x)` and reads the layer from a hook, one objective per call);
   (a') the same with the parameters frozen (isolates batching + truncation from weight gradients);
-  (b)  rfatlas: every channel in one batch, forward cut at the layer, no weight gradients.
+  (b)  rfatlas: every channel in one batch, forward cut at the layer, no weight gradients;
+  (b') the same with bfloat16 autocast (`amp=True`: CUDA, or a CPU with native bfloat16).
   lucent `render_vis`, when torch-lucent is installed.
 
 (a)/(a') render `--single` channels and report their rate (each call costs the same, so the rate of
-a few calls is the rate of all). Defaults finish in about two minutes on a 2-core CPU.
+a few calls is the rate of all). Defaults (the paper's 31 steps) take about three minutes on a
+2-core CPU.
 
-    .venv/bin/python bench/actmax.py [--device cuda] [--steps 31] [--single 64]
+    .venv/bin/python bench/actmax.py [--device cuda] [--steps 2] [--single 64]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -80,11 +83,10 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=64, help="channels rendered by (b), one batch")
     ap.add_argument("--single", type=int, default=4, help="channels rendered one per call by (a), (a')")
     ap.add_argument("--preset", default="kobayashi2020", choices=sorted(am.PRESETS))
-    ap.add_argument("--steps", type=int, default=2, help="steps for every mode (the paper uses 31)")
+    ap.add_argument("--steps", type=int, default=31, help="steps for every mode (the paper's 31)")
     ap.add_argument("--size", type=int, default=None, help="image side (default: preset / model)")
     ap.add_argument("--objective", default="channel", choices=am.OBJECTIVES)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast in (b) (CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
@@ -93,9 +95,7 @@ def main() -> None:
     device = select_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model = get_model(args.model).to(device)
-    config = am.preset(
-        args.preset, steps=args.steps, amp=args.amp, **({"size": args.size} if args.size else {})
-    )
+    config = am.preset(args.preset, steps=args.steps, **({"size": args.size} if args.size else {}))
     size, _, _ = am._preprocessing(model, config.size)
     print(
         f"{args.model} {args.layer}, preset {args.preset}, {args.steps} steps, {size} px, objective "
@@ -132,6 +132,16 @@ def main() -> None:
         am.actmax(model, args.layer, list(range(args.channels)), objective=args.objective, config=config)
 
     b = timed(f"(b)  rfatlas: {args.channels} channels in one batch, truncated", args.channels, batched, sync)
+    b_amp = None
+    if am._native_bf16(device):
+
+        def batched_bf16() -> None:
+            am.actmax(
+                model, args.layer, list(range(args.channels)), objective=args.objective,
+                config=replace(config, amp=True),
+            )  # fmt: skip
+
+        b_amp = timed("(b') the same, bfloat16 autocast", args.channels, batched_bf16, sync)
     try:
         import lucent  # noqa: F401
     except ImportError:
@@ -143,7 +153,8 @@ def main() -> None:
             one_per_call(lambda c: lucent_render_vis(model, args.layer, c, config)),
             sync,
         )
-    print(f"speed-up (b)/(a) = {b / a:.2f}x   (b)/(a') = {b / a2:.2f}x")
+    print(f"speed-up (b)/(a) = {b / a:.2f}x   (b)/(a') = {b / a2:.2f}x", end="")
+    print(f"   (b')/(a) = {b_amp / a:.2f}x" if b_amp else "   (b') skipped: no native bfloat16 here")
 
 
 if __name__ == "__main__":

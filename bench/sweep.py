@@ -1,6 +1,6 @@
 """Sweep throughput vs the bare forward pass, and peak memory vs dataset size.
 
-    .venv/bin/python bench/sweep.py                       # CPU, small: ~1-2 min on 2 cores
+    .venv/bin/python bench/sweep.py                       # CPU: ~3 min on 2 cores
     .venv/bin/python bench/sweep.py --device cuda --images 2048 --batch 128
 
 Both sides run the same model (torchvision resnet34, random weights), batch and device, on the same

@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow
 
 import rfcore.actmax as am
+from flows.lease import store_lease
 from flows.runner import gpu_tasks
 from rfcore.errors import ConfigMismatchError, StoreError
 from rfcore.layers import list_layers, resolve_layers
@@ -99,17 +100,18 @@ def _cmd_actmax(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"steps": args.steps} if args.steps else {}
     if args.init:
         overrides["init"] = args.init
-    res = actmax_analysis(
-        args.out,
-        layers=[args.layer],
-        channels=args.channels,
-        objectives=args.objectives.split(","),
-        preset=args.preset,
-        overrides=overrides,
-        block_size=args.block_size,
-        device=args.device,
-        seed=args.seed,
-    )
+    with store_lease(args.out, "rfatlas actmax"):
+        res = actmax_analysis(
+            args.out,
+            layers=[args.layer],
+            channels=args.channels,
+            objectives=args.objectives.split(","),
+            preset=args.preset,
+            overrides=overrides,
+            block_size=args.block_size,
+            device=args.device,
+            seed=args.seed,
+        )
     print(
         f"{redact(args.out)}: {args.layer} channels {args.channels} ({', '.join(res['objectives'])}, "
         f"preset {args.preset}): {res['blocks_run']} block(s) rendered, {res['blocks_skipped']} already done; "

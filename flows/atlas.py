@@ -11,10 +11,7 @@ the same store refuses (`StoreLockedError`); the lease expires if this process d
 from __future__ import annotations
 
 import difflib
-import getpass
 import inspect
-import os
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +22,7 @@ from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 
 from flows.actmax import actmax_analysis
+from flows.lease import LEASE_TTL_S, lease_owner
 from flows.noise import inactive_analysis, noise_analysis
 from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
@@ -43,7 +41,6 @@ ANALYSES: dict[str, Flow[..., Any] | None] = {
     "noise": noise_analysis,
     "actmax": actmax_analysis,
 }
-LEASE_TTL_S = 60.0
 
 
 def parse_analyses(spec: str | Sequence[str] | None) -> list[str]:
@@ -79,17 +76,6 @@ def check_device(device: str, *, here: bool = True) -> str:
     except Exception as e:
         raise RfatlasError(f"--device {device}: {e}") from None
     return device
-
-
-def lease_owner() -> str:
-    run = ""
-    try:
-        from prefect.runtime import flow_run
-
-        run = f" flow run {flow_run.name}" if flow_run.id else ""
-    except Exception:
-        pass
-    return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}{run}"
 
 
 def check_inputs(

@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.lease import store_lease
 from flows.runner import gpu_tasks
 from rfcore.errors import RfatlasError
 from rfcore.inactive import default_layer
@@ -83,22 +84,24 @@ def compare(urls: list[str]) -> str:
 
 
 def _cmd_inactive(args: argparse.Namespace) -> int:
-    res = inactive_analysis(args.url, layer=args.layer, threshold=args.threshold)
+    with store_lease(args.url, "rfatlas inactive"):
+        res = inactive_analysis(args.url, layer=args.layer, threshold=args.threshold)
     for name, channels in res["inactive"].items():
         print(f"{name}: {len(channels)} inactive channel(s) {channels}")
     return 0
 
 
 def _cmd_noise(args: argparse.Namespace) -> int:
-    noise_analysis(
-        args.url,
-        layer=args.layer,
-        conditions=args.conditions.split(","),
-        sigma=args.sigma,
-        seed=args.seed,
-        threshold=args.threshold,
-        device=args.device,
-    )
+    with store_lease(args.url, "rfatlas noise"):
+        noise_analysis(
+            args.url,
+            layer=args.layer,
+            conditions=args.conditions.split(","),
+            sigma=args.sigma,
+            seed=args.seed,
+            threshold=args.threshold,
+            device=args.device,
+        )
     print(compare_table([args.url]), end="")
     return 0
 

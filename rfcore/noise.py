@@ -507,7 +507,10 @@ def compare_table(urls: Sequence[str]) -> str:
             base, cells = c.get("baseline"), []
             for cond in ("all", "random-one", "control"):
                 e = c.get(cond)
-                cells.append(_fmt(e.get("delta_loss"), e.get("delta_loss_ci")) if e else "–")
+                if s["num_inactive"] == 0:  # nothing to inject into: ΔL is 0 by construction
+                    cells.append("– (no inactive channel)")
+                else:
+                    cells.append(_fmt(e.get("delta_loss"), e.get("delta_loss_ci")) if e else "–")
             model = s["model"] + (f" ({Path(str(s['weights'])).name})" if s.get("weights") else "")
             rows.append(
                 f"| {model} | {s['layer']} | {s['num_inactive']} | {' | '.join(cells)} "

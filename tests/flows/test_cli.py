@@ -194,3 +194,16 @@ def test_entry_point_runs_as_a_process(tmp_path: Path) -> None:
         [*cmd, "ls", str(tmp_path / "none.zarr")], capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("command", [["inactive"], ["noise", "--device", "cpu"]])
+def test_analysis_commands_respect_a_live_lease(
+    small_atlas: str, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rfcore.store import AtlasStore
+
+    with AtlasStore.open(small_atlas, "r+").lease("someone-else@elsewhere", ttl_s=30):
+        code = main([command[0], small_atlas, *command[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "someone-else@elsewhere" in err, err
+    assert "inactive" not in AtlasStore.open(small_atlas).layer_group("conv1")  # nothing was written

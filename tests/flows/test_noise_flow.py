@@ -134,6 +134,8 @@ def test_compare_flow_cli_and_errors(
     assert lines[0].startswith("| model | layer | # inactive | ΔL") and len(lines) == 4
     assert lines[2].startswith("| resnet10t (dead.pt) | maxpool | 3 |")
     assert lines[3].startswith("| plainnet10t | maxpool | ")
+    none_dead = lines[3].split(" | ")[2] == "0"
+    assert ("– (no inactive channel)" in lines[3]) == none_dead and "no inactive" not in lines[2]
 
     assert recorded and recorded[0]["key"] == "noise-compare" and table in recorded[0]["markdown"]
 
