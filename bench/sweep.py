@@ -185,7 +185,9 @@ def main() -> None:
         runs = {size: memory(args, size) for size in (n, 4 * n)}
         for size, m in runs.items():
             grew = (m["peak"] - m["first_batch"]) / 2**20
-            print(f"  {size:>5} images: {m['peak'] / 2**20:7.0f} MiB (after the first batch: {grew:+.0f} MiB)")
+            print(
+                f"  {size:>5} images: {m['peak'] / 2**20:7.0f} MiB (after the first batch: {grew:+.0f} MiB)"
+            )
         print(f"  ratio {4 * n} / {n} images: {runs[4 * n]['peak'] / runs[n]['peak']:.3f}")
 
 

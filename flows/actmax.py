@@ -72,11 +72,16 @@ def actmax_analysis(
     }
 
 
-def quick_look_store(url: str, model: str, weights: str | None, layer: str) -> AtlasStore:
-    """The atlas at `url` if it holds `model`/`weights`, else a new sweep-less one there."""
+def quick_look_store(url: str, model: str | None, weights: str | None, layer: str) -> AtlasStore:
+    """The atlas at `url` if it holds `model`/`weights` (or any, when `model` is None), else a new
+    sweep-less one there."""
     try:
         store = AtlasStore.open(url, "r+")
     except StoreError:
+        if model is None:
+            raise StoreError(
+                f"{redact(url)} is no atlas yet: give --model (and --weights) to make one"
+            ) from None
         return prepare_store(
             url,
             model_name=model,
@@ -87,7 +92,7 @@ def quick_look_store(url: str, model: str, weights: str | None, layer: str) -> A
             shard_size=1,
             batch_size=1,
         )
-    if (store.run["model"], store.run.get("weights")) != (model, weights):
+    if model is not None and (store.run["model"], store.run.get("weights")) != (model, weights):
         raise ConfigMismatchError(
             f"{redact(url)} holds {store.run['model']} (weights {store.run.get('weights')}), "
             f"not {model} (weights {weights}); use another --out"
@@ -123,7 +128,9 @@ def _cmd_actmax(args: argparse.Namespace) -> int:
 def register_cli(subparsers: Any) -> None:
     """Add `rfatlas actmax` (quick look: render some channels of one layer into an atlas)."""
     p = subparsers.add_parser("actmax", help="activation maximization of a layer's channels (paper §3.4)")
-    p.add_argument("--model", required=True, help="model name (see `rfatlas models`)")
+    p.add_argument(
+        "--model", default=None, help="model name (see `rfatlas models`); default: the --out atlas's"
+    )
     p.add_argument("--weights", default=None, help="torchvision weights name or checkpoint path/URL")
     p.add_argument("--layer", required=True, help="layer name, e.g. layer3.0.conv2")
     p.add_argument("--channels", default="0-63", help="channels, e.g. 0-63, 3,5,9-11 or all")

@@ -109,7 +109,7 @@ def check_inputs(
         store_url, model=model, weights=weights, data=data, layers=layers, k=k,
         shard_size=shard_size, batch_size=batch_size, patch_max=patch_max, seed=seed,
     )  # fmt: skip
-    store = AtlasStore.open(store_url, "r+")
+    store = AtlasStore.open(plan["store_url"], "r+")
     with store.lease(lease_owner() + " (input check)", ttl_s=10.0):
         pass
     plan["analyses"] = names
@@ -185,6 +185,7 @@ def atlas(
         store_url, model=model, weights=weights, data=data, layers=layers, k=k,
         shard_size=shard_size, batch_size=batch_size, patch_max=patch_max, seed=seed,
     )  # fmt: skip
+    store_url = plan["store_url"]  # `{weights_digest}` filled in
     store = AtlasStore.open(store_url, "r+")
     label = f"atlas-{model}-{data}"
     safe_url = redact(store_url)

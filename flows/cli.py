@@ -63,6 +63,7 @@ def _run_with_bar(fn: Any, *fargs: Any, **fkwargs: Any) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.atlas import check_inputs
     from flows.runner import ADDRESS_ENV, check_dask_address, make_task_runner
+    from rfcore.store import redact
 
     out = _out_url(args.out)
     layers = args.layers
@@ -78,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     params["analyses"] = plan["analyses"]
     print(
         f"rfatlas: {args.model} on {args.data}: {plan['num_images']} images, {plan['num_shards']} shard(s), "
-        f"{len(plan['layers'])} layer(s) -> {out}",
+        f"{len(plan['layers'])} layer(s) -> {redact(plan['store_url'])}",
         file=sys.stderr,
     )
     from flows.atlas import atlas

@@ -88,7 +88,7 @@ def cluster_kwargs(
         "threads_per_worker": 1,
         "processes": True,
         "host": "127.0.0.1",
-        "dashboard_address": None,
+        "dashboard_address": "127.0.0.1:8787",  # loopback only (a busy port: another one)
         "env": {
             "RFATLAS_TORCH_THREADS": str(torch_threads),
             "OMP_NUM_THREADS": str(torch_threads),

@@ -9,6 +9,7 @@ name, or an rfatlas checkpoint / bare state_dict at any fsspec URL, always loade
 from __future__ import annotations
 
 import difflib
+import hashlib
 import io
 import os
 import pickle
@@ -71,6 +72,7 @@ class ModelMeta:
     num_classes: int
     family: str  # 'resnet' | 'plainnet' | 'vgg' | 'alexnet'
     preprocessing: Preprocessing
+    weights_digest: str | None = None  # checkpoints: sha256 of the file's bytes (first 16 hex digits)
 
 
 class PlainBasicBlock(BasicBlock):  # type: ignore[misc]  # torchvision ships no type information
@@ -286,8 +288,9 @@ def _load_torchvision(
     return model, ModelMeta(name, member.name, classes, entry.family, pre)
 
 
-def _read_checkpoint(url: str) -> Any:
-    """Fetch and unpickle ``url`` with the weights-only unpickler; anything that would run code is refused."""
+def _read_checkpoint(url: str) -> tuple[Any, str]:
+    """Fetch and unpickle ``url`` with the weights-only unpickler (anything that would run code is
+    refused); returns the object and the digest of the bytes read."""
     try:
         with fsspec.open(url, "rb") as f:
             data = f.read()
@@ -295,8 +298,9 @@ def _read_checkpoint(url: str) -> Any:
         raise CheckpointError(f"checkpoint not found: {url}") from None
     except Exception as exc:  # fsspec backends raise backend-specific errors
         raise CheckpointError(f"cannot read checkpoint {url} ({_one_line(exc)})") from exc
+    digest = hashlib.sha256(data).hexdigest()[:16]
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), digest
     except pickle.UnpicklingError as exc:
         detail = next(
             (ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), ""
@@ -316,7 +320,7 @@ def _few(keys: list[str], n: int = 4) -> str:
 def _load_checkpoint(
     name: str, entry: _Entry, url: str, num_classes: int | None
 ) -> tuple[nn.Module, ModelMeta]:
-    obj = _read_checkpoint(url)
+    obj, digest = _read_checkpoint(url)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         if obj.get("model") != name:
             raise CheckpointError(f"checkpoint {url} is for model {obj.get('model')!r}, not {name!r}")
@@ -336,7 +340,7 @@ def _load_checkpoint(
     model = entry.build(classes)
     _check_state_dict(model, state, f"checkpoint {url} does not fit {name}")
     model.load_state_dict(state)
-    return model, ModelMeta(name, url, classes, entry.family, entry.preprocessing)
+    return model, ModelMeta(name, url, classes, entry.family, entry.preprocessing, digest)
 
 
 def _check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str) -> None:
@@ -350,7 +354,8 @@ def _check_state_dict(model: nn.Module, state: Mapping[str, Any], what: str) -> 
         ]
         raise CheckpointError(f"{what}: " + "; ".join(p for p in parts if p))
     bad = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        f"{k} {tuple(state[k].shape) if isinstance(state[k], Tensor) else type(state[k]).__name__} "
+        f"vs {tuple(v.shape)}"
         for k, v in expected.items()
         if not isinstance(state[k], Tensor) or state[k].shape != v.shape
     ]

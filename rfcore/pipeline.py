@@ -23,7 +23,7 @@ from rfcore.errors import StoreError
 from rfcore.models import get_model, model_meta
 from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
-from rfcore.store import AtlasStore, refuse_credentials
+from rfcore.store import AtlasStore, redact, refuse_credentials
 from rfcore.sweep import (
     STATE_KEYS,
     LayerReducer,
@@ -35,6 +35,22 @@ from rfcore.sweep import (
 
 DEFAULT_SHARD_SIZE = 1024
 _CHANNEL_CHUNK = 16  # channels per chunk of mean_stimulus (topk/patch: one channel per chunk)
+
+
+WEIGHTS_DIGEST = "{weights_digest}"
+
+
+def store_url_for(url: str, weights_digest: str | None) -> str:
+    """`url` with `{weights_digest}` replaced by the checkpoint's digest: one atlas per checkpoint
+    contents (a nightly sweep of `latest.pt` makes a new atlas when the file changed, and resumes
+    the one it has when not). StoreError when the weights are no checkpoint file."""
+    if WEIGHTS_DIGEST not in url:
+        return url
+    if weights_digest is None:
+        raise StoreError(
+            f"store URL {redact(url)} names {WEIGHTS_DIGEST}, but the weights are no checkpoint file"
+        )
+    return url.replace(WEIGHTS_DIGEST, weights_digest)
 
 
 def prepare_store(
@@ -50,8 +66,8 @@ def prepare_store(
     batch_size: int = 64,
     seed: int = 0,
 ) -> AtlasStore:
-    """Create (or reopen, if the run identity matches) the atlas of a sweep. `shard_size` is rounded
-    up to a multiple of `batch_size`."""
+    """Create (or reopen, if the run identity matches) the atlas of a sweep; its `url` is the one
+    `store_url_for` makes. `shard_size` is rounded up to a multiple of `batch_size`."""
     if k < 1 or patch_max < 1 or shard_size < 1 or batch_size < 1:
         raise StoreError(
             f"bad sweep options k={k} patch_max={patch_max} shard_size={shard_size} batch_size={batch_size}"
@@ -60,13 +76,16 @@ def prepare_store(
         refuse_credentials(weights, "weights")
     refuse_credentials(data_spec, "data")
     model = get_model(model_name, weights=weights, seed=seed)
-    pre = model_meta(model).preprocessing
+    meta = model_meta(model)
+    url = store_url_for(url, meta.weights_digest)
+    pre = meta.preprocessing
     dataset = open_dataset(data_spec, size=pre.size, resize=pre.resize)
     plans = plan_layers(model, layers, patch_max)
     shard_size = -(-shard_size // batch_size) * batch_size
     run = RunAttrs(
         model=model_name,
         weights=weights,
+        weights_digest=meta.weights_digest,
         dataset=data_spec,
         num_images=len(dataset),
         image_size=pre.size,
@@ -323,6 +342,7 @@ def run_sweep(
         batch_size=batch_size,
         seed=seed,
     )
+    url = store.url
     model = get_model(model_name, weights=weights, seed=seed)
     pre = model_meta(model).preprocessing
     dataset = open_dataset(data_spec, size=pre.size, resize=pre.resize)

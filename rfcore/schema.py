@@ -20,6 +20,7 @@ SCHEMA_VERSION = 1
 IDENTITY_KEYS = (
     "model",
     "weights",
+    "weights_digest",  # a checkpoint's bytes: the same URL with new contents is another run
     "dataset",
     "num_images",
     "image_size",
@@ -28,9 +29,9 @@ IDENTITY_KEYS = (
     "shard_size",
     "batch_size",
     "layers",
-    "seed",  # the weights of a model built without `weights`
+    "seed",  # builds the weights of a model without `weights` (None in the identity otherwise)
 )
-_RUN_KEYS = ("model", "weights", "dataset", "num_images", "image_size")
+_RUN_KEYS = ("model", "weights", "weights_digest", "dataset", "num_images", "image_size")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class RunAttrs:
     image_size: int
     preprocessing: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    weights_digest: str | None = None  # sha256 (16 hex digits) of a checkpoint file's bytes
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -98,6 +100,7 @@ class RunAttrs:
             image_size=int(d["image_size"]),
             preprocessing=dict(d.get("preprocessing") or {}),
             config=dict(d.get("config") or {}),
+            weights_digest=d.get("weights_digest"),
         )
 
     def identity(self) -> dict[str, Any]:
@@ -105,13 +108,16 @@ class RunAttrs:
         d = self.to_dict()
         ident = {k: d[k] for k in _RUN_KEYS}
         ident.update({k: d["config"].get(k) for k in IDENTITY_KEYS if k not in _RUN_KEYS})
+        if d["weights"] is not None:
+            ident["seed"] = None  # loaded weights: the seed changes nothing that the store holds
         return ident
 
 
 @dataclass(frozen=True)
 class LayerAttrs:
     """Attrs of `layers/<name>`: rf = {size, stride, offset} (each (h, w) / (y, x)),
-    patch = {factor, size} (patch side = size pixels)."""
+    patch = {factor, size, first} (patch side = size cells of factor² pixels; first = input pixel
+    (y, x) of unit (0, 0)'s patch corner)."""
 
     kind: str
     channels: int

@@ -567,8 +567,12 @@ class AtlasLayer:
         return np.asarray(node[...])
 
     def _row(self, path: str, channel: int) -> np.ndarray:
-        node = self.group[path]
-        assert isinstance(node, zarr.Array)
+        node = self.group.get(path)
+        if not isinstance(node, zarr.Array):
+            raise StoreError(
+                f"layer {self.name} has no {path} yet (the run that writes it has not finished; "
+                "`rfatlas verify` tells what is missing)"
+            )
         if not 0 <= channel < node.shape[0]:
             raise StoreError(f"layer {self.name} has channels 0..{node.shape[0] - 1}, not {channel}")
         return np.asarray(node[channel])

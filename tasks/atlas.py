@@ -52,7 +52,7 @@ def prepare_store(
     )
     run = store.run
     return {
-        "store_url": store_url,
+        "store_url": store.url,  # `{weights_digest}` filled in
         "num_images": int(run["num_images"]),
         "num_shards": store.num_shards,
         "shard_size": int(run["config"]["shard_size"]),

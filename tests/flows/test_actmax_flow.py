@@ -13,7 +13,7 @@ import zarr
 
 import rfcore.actmax as am
 from flows.actmax import actmax_analysis, quick_look_store, register_cli
-from rfcore.errors import ConfigMismatchError
+from rfcore.errors import ConfigMismatchError, StoreError
 from rfcore.models import get_model
 from rfcore.store import AtlasStore
 from rfcore.virtual import virtual_filter
@@ -133,3 +133,11 @@ def test_cli_quick_look(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     other = parser.parse_args(["actmax", "--model", "resnet18", "--layer", "conv1", "--out", url])
     with pytest.raises(ConfigMismatchError, match="holds resnet10t"):
         other.func(other)
+    # the quick look, on an existing atlas: the model comes from the store
+    again = parser.parse_args(["actmax", "--layer", "conv1", "--channels", "4-5", "--steps", "2", "--init", "random",
+                               "--objectives", "channel", "--device", "cpu", "--out", url])  # fmt: skip
+    assert again.func(again) == 0
+    assert not np.isnan(AtlasStore.open(url).root["layers/conv1/actmax/channel/activation"][4:6]).any()
+    fresh = parser.parse_args(["actmax", "--layer", "conv1", "--out", str(tmp_path / "new.zarr")])
+    with pytest.raises(StoreError, match="give --model"):
+        fresh.func(fresh)

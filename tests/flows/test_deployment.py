@@ -146,7 +146,7 @@ def worker_cluster(prefect_server: Server) -> Iterator[Any]:
     env = {"RFATLAS_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.update({k: prefect_server.env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME")})
     cluster = LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+        n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0",
         env=env,
     )  # fmt: skip
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -156,8 +157,10 @@ def test_checkpoint_round_trip(where: str, tmp_path: Path) -> None:
     model = _perturbed("plainnet10t")
     save_checkpoint(model, url, config={"lr": 0.1, "crop": (0.5, 1.0)}, metrics={"val_accuracy": 0.75})
     loaded = get_model("plainnet10t", weights=url)
+    with fsspec.open(url, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
     assert model_meta(loaded) == ModelMeta(
-        "plainnet10t", url, 10, "plainnet", default_preprocessing("plainnet10t")
+        "plainnet10t", url, 10, "plainnet", default_preprocessing("plainnet10t"), digest
     )
     assert not loaded.training
     ref, got = model.state_dict(), loaded.state_dict()

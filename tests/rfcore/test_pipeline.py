@@ -210,7 +210,10 @@ def test_seed_of_a_random_model_is_part_of_the_identity(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("weights", "s3://key:secret@bucket/model.pt"), ("data_spec", "zarr:s3://key:secret@bucket/images.zarr")],
+    [
+        ("weights", "s3://key:secret@bucket/model.pt"),
+        ("data_spec", "zarr:s3://key:secret@bucket/images.zarr"),
+    ],
 )
 def test_urls_with_credentials_are_refused(tmp_path: Path, field: str, value: str) -> None:
     kwargs: dict[str, Any] = dict(model_name=MODEL, weights=None, data_spec=DATA, layers="conv1")
@@ -239,3 +242,35 @@ def test_corrupt_jpeg_is_skipped_and_listed_in_the_atlas(tmp_path: Path) -> None
     act = read(url, "layers/conv1/activation")
     assert np.isnan(act[2]).all() and not np.isnan(np.delete(act, 2, axis=0)).any()
     assert 2 not in read(url, "layers/conv1/topk/image")
+
+
+def test_weights_digest_names_the_atlas_and_guards_its_identity(tmp_path: Path) -> None:
+    """`{weights_digest}` in the store URL: one atlas per checkpoint contents; the same URL with
+    new contents is refused, never mixed."""
+    import torch
+
+    from rfcore.models import model_meta, save_checkpoint
+
+    ckpt = str(tmp_path / "latest.pt")
+    common: dict[str, Any] = dict(model_name=MODEL, data_spec=DATA, layers="conv1", k=K, shard_size=12,
+                                  batch_size=BATCH)  # fmt: skip
+    save_checkpoint(get_model(MODEL, seed=1), ckpt, config={}, metrics={})
+    first = prepare_store(str(tmp_path / "atlas-{weights_digest}.zarr"), weights=ckpt, **common)
+    digest = model_meta(get_model(MODEL, weights=ckpt)).weights_digest
+    assert (
+        digest
+        and first.url == str(tmp_path / f"atlas-{digest}.zarr")
+        and first.run["weights_digest"] == digest
+    )
+    again = prepare_store(str(tmp_path / "atlas-{weights_digest}.zarr"), weights=ckpt, **common)
+    assert again.url == first.url  # unchanged checkpoint: the same atlas (resume)
+    model = get_model(MODEL, seed=2)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_checkpoint(model, ckpt, config={}, metrics={})  # a new `latest.pt`
+    with pytest.raises(ConfigMismatchError, match="weights_digest"):
+        prepare_store(first.url, weights=ckpt, **common)
+    second = prepare_store(str(tmp_path / "atlas-{weights_digest}.zarr"), weights=ckpt, **common)
+    assert second.url != first.url
+    with pytest.raises(StoreError, match="no checkpoint file"):
+        prepare_store(str(tmp_path / "random-{weights_digest}.zarr"), weights=None, **common)

@@ -97,7 +97,8 @@ def test_run_attrs_identity_and_round_trip() -> None:
     assert run.to_dict()["preprocessing"]["mean"] == [0.5, 0.5, 0.5]  # JSON-ready
     ident = run.identity()
     assert tuple(ident) == IDENTITY_KEYS
-    assert ident["layers"] == ["conv1"] and ident["k"] == 3 and "seed" not in ident
+    assert ident["layers"] == ["conv1"] and ident["k"] == 3 and ident["seed"] == 1  # random init
+    assert RunAttrs.from_dict({**run.to_dict(), "weights": "m.pt"}).identity()["seed"] is None
 
 
 def test_layer_attrs_round_trip() -> None:
