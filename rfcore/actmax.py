@@ -14,8 +14,6 @@ not clipped).
 from __future__ import annotations
 
 import math
-import threading
-import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -27,7 +25,7 @@ import zarr
 from torch import Tensor, nn
 
 from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError, UnknownLayerError
-from rfcore.layers import capture, list_layers, resolve_layers
+from rfcore.layers import capture, list_layers, model_lock, resolve_layers
 from rfcore.receptive import Box, receptive_fields, rf_box
 from rfcore.schema import spec
 from rfcore.store import AtlasStore, redact
@@ -39,17 +37,6 @@ CHANNELS_LAST = torch.channels_last
 # lucid's colour-correlation square root (ImageNet), columns normalized to a max norm of 1.
 _COLOR_SQRT = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], dtype=np.float32)
 _COLOR = _COLOR_SQRT / np.max(np.linalg.norm(_COLOR_SQRT, axis=0))
-
-
-# Runs on one model object are serialized: hooks and requires_grad flags live on the shared module
-# (a worker's cached model serves every task thread).
-_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCKS_LOCK = threading.Lock()
-
-
-def _model_lock(model: nn.Module) -> threading.Lock:
-    with _LOCKS_LOCK:
-        return _MODEL_LOCKS.setdefault(model, threading.Lock())
 
 
 class ActmaxError(RfatlasError):
@@ -322,7 +309,7 @@ def actmax(
     trace = torch.empty(cfg.steps, len(channels), device=device)
     micro = micro_batch or (8 if device.type == "cpu" else len(channels))
     chunks = [slice(lo, lo + micro) for lo in range(0, len(channels), micro)]
-    with _model_lock(model):
+    with model_lock(model):  # also held by the capture inside: requires_grad flags are shared too
         frozen = [p for p in model.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,12 +114,13 @@ def list_layers(model: nn.Module, input_size: int | None = None) -> list[LayerIn
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items() if n]
-    try:
-        run_dummy(model, dummy_input(model, size))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with model_lock(model):
+        handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items() if n]
+        try:
+            run_dummy(model, dummy_input(model, size))
+        finally:
+            for handle in handles:
+                handle.remove()
 
     layers = []
     for name in calls:  # dicts keep insertion order: the order of first completion
@@ -181,6 +184,20 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
     return [name for name in names if name in wanted]
 
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that serializes hook-based runs on one model object (`capture`, act-max): hooks and
+    flags live on the module, and a worker's cached model serves every task thread."""
+    with _LOCKS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 class _StopForward(Exception):
     """Raised by a capture hook to end the forward pass once every requested output is in."""
 
@@ -210,6 +227,8 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
 
     def _hook(self, name: str) -> _Hook:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if threading.get_ident() != self._thread:
+                return  # a forward of the same (shared) model in another thread
             if isinstance(output, Tensor):
                 self.outputs[name] = output
                 self._storages.add(output.untyped_storage().data_ptr())
@@ -221,11 +240,16 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
     def _guard_inplace(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         """Before an in-place module (ReLU, ...): run it out of place when it would overwrite a
         captured output (e.g. VGG's ReLU after a captured conv); elsewhere it stays in place."""
+        if threading.get_ident() != self._thread:
+            return
         module.inplace = not any(  # type: ignore[assignment]
             isinstance(t, Tensor) and t.untyped_storage().data_ptr() in self._storages for t in inputs
         )
 
     def __enter__(self) -> capture:
+        self._lock = model_lock(self.model)
+        self._lock.acquire()  # one capture at a time per model object
+        self._thread = threading.get_ident()
         self._inplace = [m for m in self.model.modules() if getattr(m, "inplace", None) is True]
         self._storages: set[int] = set()
         self._handles = [m.register_forward_pre_hook(self._guard_inplace) for m in self._inplace]
@@ -241,6 +265,7 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
         for m in self._inplace:
             m.inplace = True  # type: ignore[assignment]
         self._handles, self._inplace, self._active = [], [], False
+        self._lock.release()
 
     def run(self, x: Tensor) -> dict[str, Tensor]:
         """Forward `x` (stopping early if asked) and return the captured outputs by layer name."""

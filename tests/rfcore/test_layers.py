@@ -205,3 +205,29 @@ def test_tiny_models_and_plainnets() -> None:
     assert resolve_layers(plain, "default") == resolve_layers(tiny, "default")
     plain18 = [layer for layer in list_layers(models.get_model("plainnet18"), 64) if layer.kind == "block"]
     assert len(plain18) == 8
+
+
+def test_capture_ignores_other_threads_and_serializes_captures(resnet18: nn.Module) -> None:
+    """A worker's cached model serves several task threads: a forward in another thread while a
+    capture is open is not recorded, and a second capture waits for the first to close."""
+    import threading
+
+    x, other = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    entered = threading.Event()
+    with torch.no_grad(), capture(resnet18, ["layer1.0"]) as cap:
+        worker = threading.Thread(target=lambda: resnet18(other))
+        worker.start()
+        worker.join()
+        assert cap.outputs == {}  # the other thread's forward left no output here
+        out = cap.run(x)["layer1.0"]
+
+        def second() -> None:
+            with capture(resnet18, ["conv1"]):
+                entered.set()
+
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not entered.wait(0.3)  # blocked while this capture is open
+    waiter.join(timeout=10)
+    assert entered.is_set() and _no_hooks(resnet18)
+    assert out.shape[0] == 1

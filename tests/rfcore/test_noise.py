@@ -159,6 +159,25 @@ def test_injector_noises_exactly_the_chosen_channels() -> None:
     assert 0.3 < float((noisy[:, list(DEAD)] > 0).float().mean()) < 0.7  # max(z, 0): half the positions
 
 
+@pytest.mark.parametrize("condition", ["random-one", "control"])
+def test_random_conditions_noise_one_draw_per_block(condition: str) -> None:
+    """random-one: exactly one inactive channel per mini-batch block; control: as many active ones;
+    the draw is shared by the images of a block."""
+    inj = NoiseInjector(condition, dead_mask(), sigma=1.0, seed=3, block_size=4)
+    out = torch.zeros(12, CHANNELS, 5, 5)
+    inj.set_batch(torch.arange(12), torch.device("cpu"))
+    noisy = inj(nn.Identity(), (), out)
+    assert noisy is not None
+    touched = (noisy != 0).flatten(2).any(dim=2)  # (image, channel)
+    want = 1 if condition == "random-one" else len(DEAD)
+    pool = set(DEAD) if condition == "random-one" else set(range(CHANNELS)) - set(DEAD)
+    per_block = [touched[b : b + 4].nonzero()[:, 1].unique().tolist() for b in range(0, 12, 4)]
+    for b, chans in enumerate(per_block):
+        assert len(chans) == want and set(chans) <= pool
+        assert (touched[4 * b : 4 * b + 4].sum(dim=1) == want).all()  # each image: the block's channels
+        assert chans == block_channels(condition, dead_mask(), b, seed=3).tolist()
+
+
 def test_dead_channel_wired_to_classifier_raises_loss_with_ci_excluding_zero() -> None:
     res = all_conditions(make_net(downstream="wired"))
     s = summarize(
