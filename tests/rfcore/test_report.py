@@ -83,3 +83,40 @@ def test_report_shows_stored_stimuli_stats_and_flags(tmp_path: Path) -> None:
 def test_report_of_missing_store_is_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         write_report(str(tmp_path / "nope.zarr"), tmp_path / "out")
+
+
+def test_report_shows_actmax_images_and_the_noise_table(tmp_path: Path) -> None:
+    """A real atlas (sweep, act-max of two conv1 channels, noise test at maxpool): the layer page
+    shows each rendered act-max image as an exact PNG, the index page the paper's Table 1."""
+    from rfcore.actmax import actmax_block, plan_blocks, prepare_actmax, preset
+    from rfcore.data import open_dataset
+    from rfcore.models import get_model, select_device
+    from rfcore.noise import CONDITIONS, noise_shard, prepare_noise, summarize_store
+    from rfcore.pipeline import run_sweep
+
+    url = str(tmp_path / "real.zarr")
+    run_sweep(url, model_name="resnet10t", data_spec="synthetic:8", layers="conv1,maxpool", k=2,
+              shard_size=8, batch_size=4, device="cpu", progress=False)  # fmt: skip
+    store, model = AtlasStore.open(url, "r+"), get_model("resnet10t")
+    for objective in ("channel", "neuron"):
+        prepare_actmax(
+            store, model, "conv1", objective, config=preset("kobayashi2020", steps=2), block_size=4
+        )
+        for block, chans in plan_blocks([0, 1], 4):
+            actmax_block(store, model, "conv1", objective, block, chans)
+    dataset = open_dataset("synthetic:8", size=64)
+    for cond, shard in prepare_noise(store, "maxpool", conditions=CONDITIONS, sigma=1.0, seed=0):
+        noise_shard(store, "maxpool", cond, shard, model=model, dataset=dataset, device=select_device("cpu"))
+    summarize_store(store, "maxpool", n_boot=50)
+
+    out = tmp_path / "report"
+    index = write_report(url, out).read_text()
+    assert "Table 1" in index and "<td>resnet10t</td><td>maxpool</td>" in index
+    page = (out / "layer-conv1.html").read_text()
+    assert "<th>act-max channel</th><th>act-max neuron (RF)</th>" in page
+    image = np.asarray(store.root["layers/conv1/actmax/channel/image"][1], dtype=np.float64)
+    want = np.clip(np.rint(255.0 * image), 0, 255)
+    assert np.array_equal(_png(out / "img" / "conv1" / "c0001-actmax0.png"), want)
+    assert (out / "img" / "conv1" / "c0000-actmax1.png").exists()
+    assert not (out / "img" / "conv1" / "c0002-actmax0.png").exists()  # channel 2 was not rendered
+    assert "act-max" not in (out / "layer-maxpool.html").read_text()
