@@ -26,6 +26,7 @@ from torch import nn
 
 import rfcore.actmax as am
 from rfcore.models import get_model, select_device
+from rfcore.precision import native_bf16
 
 
 def lucent_way(model: nn.Module, layer: str, channel: int, objective: str, config: am.ActmaxConfig) -> None:
@@ -133,7 +134,7 @@ def main() -> None:
 
     b = timed(f"(b)  rfatlas: {args.channels} channels in one batch, truncated", args.channels, batched, sync)
     b_amp = None
-    if am._native_bf16(device):
+    if native_bf16(device):
 
         def batched_bf16() -> None:
             am.actmax(

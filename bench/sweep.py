@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rfcore.models import get_model, model_meta, select_device
-from rfcore.sweep import SweepConfig, SweepRunner, amp_context, plan_layers
+from rfcore.precision import autocast
+from rfcore.sweep import SweepConfig, SweepRunner, plan_layers
 
 
 def batches(n: int, batch: int, size: int, pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -76,7 +77,7 @@ def throughput(args: argparse.Namespace, layers: str, device: torch.device) -> d
     data = list(batches(args.images, args.batch, pre.size, pin))
 
     def bare() -> None:
-        with torch.inference_mode(), amp_context(device, args.amp):
+        with torch.inference_mode(), autocast(device, args.amp):
             for images, _ in data:
                 model(pre.normalize(images.to(device, non_blocking=True)))
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError, UnknownLayerError
 from rfcore.layers import capture, list_layers, model_lock, resolve_layers
+from rfcore.precision import autocast
 from rfcore.receptive import Box, receptive_fields, rf_box
 from rfcore.schema import spec
 from rfcore.store import AtlasStore, redact
@@ -271,13 +272,6 @@ def _preprocessing(model: nn.Module, size: int | None) -> tuple[int, Tensor, Ten
     return int(side), mean, std
 
 
-def _native_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 autocast runs natively (fast) on `device`."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def actmax(
     model: nn.Module,
     layer: str,
@@ -305,7 +299,7 @@ def actmax(
     image = _Image(cfg, gens, size, mean, std, device)
     rows = torch.tensor(list(channels), device=device)
     optimizer = torch.optim.Adam([image.param], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and _native_bf16(device))
+    amp = autocast(device, "bf16" if cfg.amp else "off")
     trace = torch.empty(cfg.steps, len(channels), device=device)
     micro = micro_batch or (8 if device.type == "cpu" else len(channels))
     chunks = [slice(lo, lo + micro) for lo in range(0, len(channels), micro)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,7 +18,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from rfcore.errors import RfatlasError, UnknownLayerError
 
-_Hook = Callable[[nn.Module, tuple[Any, ...], Any], None]
+_Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,9 @@ class _StopForward(Exception):
 
 
 class capture:  # lower-case: used like a function: `with capture(model, layers) as cap:`
-    """Record the outputs of the named modules; hooks exist only inside the `with` block.
+    """Record the outputs of the named modules, and replace the outputs of the modules in `edit` by
+    `fn(output)` (as baukit's `TraceDict(edit_output=...)`); hooks exist only inside the `with` block,
+    which holds the model's lock, and act only on forward passes of the thread that entered it.
 
     While active, a module with an `inplace` flag (ReLU, ...) runs out of place when its input is a
     captured output, so a captured conv output is not overwritten by the following ReLU; elsewhere
@@ -211,29 +213,43 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
     cut off right after the last requested output is produced. Outputs keep their autograd graph.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], *, stop_early: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str] = (),
+        *,
+        edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+        stop_early: bool = False,
+    ) -> None:
         self.model = model
         self.layers = list(dict.fromkeys(layers))
+        self.edit = dict(edit or {})
         self.stop_early = stop_early
         self.outputs: dict[str, Tensor] = {}
         modules = dict(model.named_modules())
-        for name in self.layers:
+        for name in [*self.layers, *self.edit]:
             if not name or name not in modules:
                 raise _unknown(model, name, [n for n in modules if n])
-        self._modules = [(name, modules[name]) for name in self.layers]
+        hooked = list(dict.fromkeys([*self.layers, *self.edit]))
+        self._modules = [(name, modules[name]) for name in hooked]
         self._handles: list[RemovableHandle] = []
         self._inplace: list[nn.Module] = []
         self._active = False
 
     def _hook(self, name: str) -> _Hook:
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        edit, record = self.edit.get(name), name in self.layers
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
             if threading.get_ident() != self._thread:
-                return  # a forward of the same (shared) model in another thread
-            if isinstance(output, Tensor):
+                return None  # a forward of the same (shared) model in another thread
+            if edit is not None:
+                output = edit(output)
+            if record and isinstance(output, Tensor):
                 self.outputs[name] = output
                 self._storages.add(output.untyped_storage().data_ptr())
             if self.stop_early and len(self.outputs) == len(self.layers):
                 raise _StopForward
+            return output if edit is not None else None
 
         return hook
 

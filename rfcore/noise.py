@@ -30,6 +30,7 @@ from rfcore.data import ImageDataset, iter_batches, shard_ranges
 from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError
 from rfcore.inactive import BatchLike, module_at, read_inactive, write_inactive
 from rfcore.models import model_meta
+from rfcore.precision import autocast
 from rfcore.schema import spec
 from rfcore.store import AtlasStore, redact
 
@@ -215,7 +216,7 @@ def evaluate(
             x = normalize(batch.images.to(device, non_blocking=True))
             if injector is not None:
                 injector.set_batch(batch.indices, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(device, "bf16" if use_amp else "off"):
                 logits = model(x)
             logits = logits.float()
             losses.append(F.cross_entropy(logits, labels, reduction="none"))

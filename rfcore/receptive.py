@@ -19,6 +19,7 @@ from rfcore.layers import (
     dummy_input,
     eval_mode,
     list_layers,
+    model_lock,
     model_name,
     run_dummy,
 )
@@ -215,6 +216,11 @@ def _traced_geometry(model: nn.Module, input_size: int) -> dict[str, _Geo] | Non
 
 def _hooked_geometry(model: nn.Module, input_size: int) -> dict[str, _Geo]:
     """Fallback: leaf modules applied in execution order as if the network were a plain chain."""
+    with model_lock(model):  # hooks live on the (possibly shared) modules
+        return _hooked_geometry_locked(model, input_size)
+
+
+def _hooked_geometry_locked(model: nn.Module, input_size: int) -> dict[str, _Geo]:
     geos: dict[str, _Geo] = {}
     current = [_IDENTITY]
     handles = []

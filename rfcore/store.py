@@ -425,6 +425,35 @@ class AtlasStore:
         with contextlib.suppress(KeyError):
             del self.root[full]
 
+    def require_group(self, path: str, *, config: Mapping[str, Any] | None = None) -> zarr.Group:
+        """Create or open the group at `path` (root-relative). With `config`, the group records it in
+        its `config` attr; an existing group made with another config raises ConfigMismatchError
+        naming the differing keys (nothing is written then)."""
+        want = json.loads(json.dumps(dict(config))) if config is not None else None
+        node = self.root.get(path)
+        if node is not None and not isinstance(node, zarr.Group):
+            raise StoreError(f"{path} in {redact(self.url)} is an array, not a group")
+        old = _attrs(node).get("config") if node is not None else None
+        if want is not None and old is not None and old != want:
+            diff = [f"{k} {old.get(k)!r} -> {want.get(k)!r}" for k in sorted({*old, *want}) if old.get(k) != want.get(k)]
+            raise ConfigMismatchError(
+                f"{path} in {redact(self.url)} was computed with other options ({', '.join(diff)}); "
+                "use another --out or the same options"
+            )
+        self._writable()
+        group = node if node is not None else self.root.require_group(path)
+        if want is not None and old is None:
+            group.attrs["config"] = want
+        return group
+
+    def pending(self, keys: Sequence[str]) -> list[str]:
+        """The marker keys among `keys` that are not done yet, in the given order (one listing per
+        marker directory, not one request per key)."""
+        done: set[str] = set()
+        for prefix in sorted({k.rpartition("/")[0] for k in keys}):
+            done |= self.done_keys(prefix)
+        return [k for k in keys if k not in done]
+
     # --- attrs --------------------------------------------------------------------------------
     def set_layer_attrs(self, layer: str, **attrs: Any) -> None:
         """Update attrs of `layers/<layer>` (e.g. `complete=True`)."""

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rfcore.errors import RfatlasError
+from rfcore.precision import autocast
 from rfcore.receptive import RField
 
 if TYPE_CHECKING:
@@ -475,17 +475,6 @@ def crop_topk_patches(
     return out
 
 
-def amp_context(device: torch.device, amp: bool | None) -> AbstractContextManager[Any]:
-    """Autocast for the forward pass: on CUDA bf16 (fp16 without bf16 support) when `amp` is on
-    (default), on CPU bf16 only when `amp` is explicitly True."""
-    if device.type == "cuda" and amp is not False:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "cpu" and amp:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @dataclass(frozen=True)
 class LayerPlan:
     """What the sweep needs to know about one layer."""
@@ -554,7 +543,7 @@ class SweepRunner:
         images = images.to(self.device, non_blocking=True)
         indices = indices.to(self.device, non_blocking=True)
         with torch.inference_mode(), capture(self.model, list(self.reducers), stop_early=True) as cap:
-            with amp_context(self.device, self.amp):
+            with autocast(self.device, self.amp):
                 outputs = cap.run(self.preprocessing.normalize(images))
             pooled = BatchPools(images)
             maxima = [r.add(outputs[n], images, indices, pooled=pooled)[0] for n, r in self.reducers.items()]

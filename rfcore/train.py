@@ -7,7 +7,6 @@ the loop uses mixed precision, pinned memory and non-blocking copies; on CPU it 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -25,8 +24,8 @@ from tqdm.auto import tqdm
 from rfcore.data import BadImageError, ImageDataset, iter_batches, loader_context, open_dataset
 from rfcore.errors import DataError, RfatlasError
 from rfcore.models import default_preprocessing, get_model, model_meta, save_checkpoint, select_device
-
-_AMP_MODES = ("auto", "bf16", "fp16", "off")
+from rfcore.precision import MODES as PRECISION_MODES
+from rfcore.precision import autocast, autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -56,8 +55,8 @@ class TrainConfig:
             problems.append(f"crop_scale {self.crop_scale} must satisfy 0 < lo <= hi <= 1")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             problems.append(f"crop_ratio {self.crop_ratio} must satisfy 0 < lo <= hi")
-        if self.amp not in _AMP_MODES:
-            problems.append(f"amp {self.amp!r} must be one of {', '.join(_AMP_MODES)}")
+        if self.amp not in PRECISION_MODES:
+            problems.append(f"amp {self.amp!r} must be one of {', '.join(PRECISION_MODES)}")
         if problems:
             raise RfatlasError("bad TrainConfig: " + "; ".join(problems))
 
@@ -125,18 +124,6 @@ def _collate(items: Sequence[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor
     return torch.stack([im for im, _ in good]), torch.tensor([lb for _, lb in good], dtype=torch.int64)
 
 
-def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or mode == "off":
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def evaluate(
     model: nn.Module, data_spec: str, *, device: str | torch.device = "auto", batch_size: int = 256
 ) -> float:
@@ -202,12 +189,11 @@ def train(
     model = get_model(model_name, num_classes=train_ds.num_classes, seed=seed).to(dev)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    amp = _amp_dtype(config.amp, dev)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step_epochs, gamma=config.lr_gamma)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(dev, config.amp) == torch.float16)
     rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if cuda else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)  # crops (in-process loading) and shuffling are reproducible per seed
@@ -235,7 +221,7 @@ def train(
                 x = pre.normalize(images)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(dev, amp):
+                with autocast(dev, config.amp):
                     loss = F.cross_entropy(model(x), labels)
                 optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(scaler.scale(loss))

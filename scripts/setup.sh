@@ -7,7 +7,13 @@ extra=""
 check="import rfcore, torch, zarr, prefect, distributed"
 if [ "${1:-}" = "--dev" ]; then
     extra="[dev]"
-    check="$check, pytest, moto, ruff, mypy"
+    check="$check, pytest, moto, ruff, mypy, playwright"
+    # The browser tests drive Debian's chromium (Playwright with the system browser: no download).
+    if ! command -v chromium >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+            || { echo "setup failed: apt-get install chromium" >&2; exit 1; }
+    fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=".venv/.rfatlas-stamp"
