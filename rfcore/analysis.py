@@ -113,6 +113,11 @@ class Analysis:
         """Problems of this analysis's results in `store` (empty = fine, also when it never ran)."""
         return []
 
+    def findings(self, atlas: Atlas) -> list[str]:
+        """One-line findings with their numbers (e.g. "layer2.0: 12/64 orientation-selective"), for the
+        demo's summary and the run's artifact; empty when the analysis did not run."""
+        return []
+
     # --- the site ----------------------------------------------------------------------------------
     def report_index(self, atlas: Atlas, assets: Assets) -> Section | None:
         """A section of the atlas's index page."""
