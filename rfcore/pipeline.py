@@ -109,9 +109,22 @@ def prepare_store(
         )
         for p in plans
     }
-    return AtlasStore.create(
+    store = AtlasStore.create(
         url, run=run, layers=layer_attrs, num_images=len(dataset), shard_size=shard_size, k=k
     )
+    image_arrays(store)
+    if store.root.attrs.get("classes") != list(dataset.class_names):
+        store.root.attrs["classes"] = list(dataset.class_names)
+    return store
+
+
+def image_arrays(store: AtlasStore) -> tuple[Any, Any]:
+    """The root `images/label` and `images/path` arrays (created on first use; one chunk per shard,
+    so shards write their rows without races)."""
+    n, chunk = int(store.run["num_images"]), int(store.run["config"]["shard_size"])
+    label = store.require_array(spec("images/label"), (n,), (chunk,))
+    path = store.require_array(spec("images/path"), (n,), (chunk,))
+    return label, path
 
 
 def layer_geometry(store: AtlasStore, layer: str) -> tuple[PatchGeometry, int, tuple[int, int]]:
@@ -217,6 +230,7 @@ def sweep_shard(
     )
     act = {n: np.full((len(rows), c), np.nan, np.float32) for n, (_, c, _) in geos.items()}
     skipped: list[dict[str, Any]] = []
+    labels = np.full(len(rows), -1, np.int64)
     images = 0
     pin = runner.device.type == "cuda"
     for batch in iter_batches(dataset, rows, int(cfg["batch_size"]), num_workers=num_workers, pin_memory=pin):
@@ -225,6 +239,7 @@ def sweep_shard(
         local = batch.indices.numpy() - rows.start
         for name, m in maxima.items():
             act[name][local] = m.numpy()
+        labels[local] = batch.labels.numpy()
         images += int(batch.indices.numel())
         if on_batch is not None:
             on_batch(int(batch.indices.numel()) + len(batch.skipped))
@@ -239,6 +254,9 @@ def sweep_shard(
         state = runner.reducers[name].state_dict()
         for key, parr in _partial_arrays(store, name, geo, channels).items():
             parr[shard_id] = state[key]
+    label_arr, path_arr = image_arrays(store)
+    label_arr[rows.start : rows.stop] = labels
+    path_arr[rows.start : rows.stop] = np.array([dataset.describe(i) for i in rows], dtype="T")
     store.mark_done(sweep_shard_key(shard_id))
     seconds = time.perf_counter() - t0
     return {"shard": shard_id, "images": images, "skipped": skipped, "seconds": seconds, "cached": False}

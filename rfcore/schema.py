@@ -45,7 +45,7 @@ class ArraySpec:
     path: str
     dims: tuple[str, ...]
     dtype: str
-    fill_value: float | int | bool | None
+    fill_value: float | int | bool | str | None
     doc: str
     scope: str = "layer"
     analysis: str = "sweep"
@@ -193,6 +193,26 @@ SWEEP_ARRAYS: list[ArraySpec] = [
     ),
 ]
 
+# --- Per-image metadata written by the sweep (root scope; each shard writes its rows) -------------
+IMAGE_ARRAYS: list[ArraySpec] = [
+    ArraySpec(
+        "images/label",
+        ("image",),
+        "int64",
+        -1,
+        "class index of each image (root attr `classes` names them); -1 = unlabelled or skipped",
+        scope="root",
+    ),
+    ArraySpec(
+        "images/path",
+        ("image",),
+        "T",
+        "",
+        "file (or `split[index]`) of each image (variable-length UTF-8)",
+        scope="root",
+    ),
+]
+
 # --- Sweep per-shard reducer state (per layer; removed once the layer is merged) ---------------------
 PARTIAL_ARRAYS: list[ArraySpec] = [
     ArraySpec("partial/topk_value", ("shard", "channel", "k"), "float32", -math.inf, "shard top-k values"),
@@ -323,8 +343,10 @@ ANALYSIS_ARRAYS += [
     ),
 ]
 
-ARRAYS: dict[str, ArraySpec] = {s.path: s for s in [*SWEEP_ARRAYS, *PARTIAL_ARRAYS, *ANALYSIS_ARRAYS]}
-if len(ARRAYS) != len(SWEEP_ARRAYS) + len(PARTIAL_ARRAYS) + len(ANALYSIS_ARRAYS):
+ARRAYS: dict[str, ArraySpec] = {
+    s.path: s for s in [*SWEEP_ARRAYS, *IMAGE_ARRAYS, *PARTIAL_ARRAYS, *ANALYSIS_ARRAYS]
+}
+if len(ARRAYS) != len(SWEEP_ARRAYS) + len(IMAGE_ARRAYS) + len(PARTIAL_ARRAYS) + len(ANALYSIS_ARRAYS):
     raise RuntimeError("duplicate ArraySpec path in rfcore.schema")
 
 
