@@ -54,7 +54,7 @@ def domination(contribution: NDArray[np.float64]) -> NDArray[np.float64]:
 def top_units(contribution: NDArray[np.float64], n: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
     """(K, n) units with the largest contribution to each class, descending, and their contributions
     (-1 / NaN past the number of units)."""
-    c, k = contribution.shape
+    k = contribution.shape[1]
     order = np.argsort(-np.nan_to_num(contribution.T, nan=-np.inf), axis=1, kind="stable")[:, :n]
     units = np.full((k, n), -1, np.int64)
     values = np.full((k, n), np.nan)

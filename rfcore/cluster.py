@@ -44,7 +44,7 @@ def unit_features(means: F64, norm: str = "zscore") -> tuple[F64, NDArray[np.boo
     if norm not in UNIT_NORMS:
         raise DataError(f"unit norm must be one of {', '.join(UNIT_NORMS)}, not {norm!r}")
     x = np.asarray(means, dtype=np.float64)
-    finite = np.isfinite(x).all(axis=1)
+    finite: NDArray[np.bool_] = np.asarray(np.isfinite(x).all(axis=1))
     x = np.where(finite[:, None], x, 0.0)
     spread = x.std(axis=1)
     valid = finite & (spread > 1e-12 * np.maximum(np.abs(x).max(axis=1), 1e-300))
@@ -58,17 +58,18 @@ def unit_features(means: F64, norm: str = "zscore") -> tuple[F64, NDArray[np.boo
 
 def class_features(means: F64, norm: str = "zscore") -> tuple[F64, NDArray[np.bool_]]:
     """Classes' population response vectors (rows: classes, columns: units); "zscore" standardizes
-    each unit across classes (so that no unit dominates by its scale) and drops constant units.
+    each unit across classes (so that no unit dominates by its scale; a constant unit becomes 0).
     Classes with non-finite responses (no images) are left out."""
     if norm not in CLASS_NORMS:
         raise DataError(f"class norm must be one of {', '.join(CLASS_NORMS)}, not {norm!r}")
     x = np.asarray(means, dtype=np.float64).T
-    valid = np.isfinite(x).all(axis=1)
+    valid: NDArray[np.bool_] = np.asarray(np.isfinite(x).all(axis=1))
     x = np.where(valid[:, None], x, 0.0)
     if norm == "zscore" and valid.any():
         mu, sd = x[valid].mean(axis=0), x[valid].std(axis=0)
         keep = sd > 1e-12 * np.maximum(np.abs(x[valid]).max(axis=0), 1e-300)
-        x = (x[:, keep] - mu[keep]) / sd[keep]
+        x = np.where(keep, (x - mu) / np.where(keep, sd, 1.0), 0.0)
+        x[~valid] = 0.0
     return x, valid
 
 
@@ -131,16 +132,18 @@ def cluster_items(
     batch_rows: int = 1024,
 ) -> Clustering:
     """k-means and Ward clustering of the valid rows of `features`, each with the k of the highest
-    silhouette among `k_candidates` (ties: the smaller k); with no candidate (fewer than 3 items)
-    every item is one cluster."""
+    silhouette among `k_candidates(len(features))` (ties: the smaller k; candidates above the
+    number of valid items minus one are skipped); with no candidate every item is one cluster."""
     n_items = features.shape[0]
     members = np.flatnonzero(valid).astype(np.int64)
     x = np.asarray(features[members], dtype=np.float64)
-    ks = k_candidates(len(members), k_min, k_max)
+    ks = k_candidates(n_items, k_min, k_max)
     km_sil = np.full(len(ks), np.nan)
     ward_sil = np.full(len(ks), np.nan)
     fits: dict[int, tuple[I64, F64]] = {}
     for i, k in enumerate(ks):
+        if k > len(members) - 1:
+            continue
         fits[int(k)] = kmeans(
             x, int(k), seed=seed, n_init=n_init, minibatch_above=minibatch_above, batch_rows=batch_rows
         )
@@ -148,6 +151,8 @@ def cluster_items(
     z = linkage(x, method="ward") if len(members) >= 2 else np.zeros((0, 4))
     ward_fits: dict[int, I64] = {}
     for i, k in enumerate(ks):
+        if k > len(members) - 1:
+            continue
         ward_fits[int(k)] = (fcluster(z, int(k), criterion="maxclust") - 1).astype(np.int64)
         ward_sil[i] = _silhouette(x, ward_fits[int(k)], seed)
 

@@ -3,7 +3,6 @@ definitions against brute force; out of core (dask, small chunks) == in memory; 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +13,29 @@ import zarr
 from rfcore.analysis import AnalysisError, get_analysis
 from rfcore.data import open_dataset
 from rfcore.models import default_preprocessing
-from rfcore.pipeline import image_arrays, run_sweep
-from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
+from rfcore.pipeline import run_sweep
 from rfcore.selectivity import (
     category_selectivity,
     lifetime_sparseness,
     selectivity_index,
 )
-from rfcore.store import AtlasStore, open_atlas
+from rfcore.store import open_atlas
+
+
+def load_helpers() -> Any:
+    """tests/rfcore/_category_helpers.py as a module (the tests are no package)."""
+    import importlib.util
+
+    path = Path(__file__).with_name("_category_helpers.py")
+    spec_ = importlib.util.spec_from_file_location("_category_helpers", path)
+    assert spec_ is not None and spec_.loader is not None
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    return module
+
+
+_helpers = load_helpers()
+make_store, FakeAssets = _helpers.make_store, _helpers.FakeAssets
 
 K, N, C, PLANTED, CLASS = 10, 400, 12, 7, 3
 CLASSES = [f"class{i}" for i in range(K)]
@@ -37,55 +51,6 @@ def planted(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     labels[:5] = -1
     act[10:13] = np.nan
     return act.astype(np.float32), labels
-
-
-def make_store(
-    url: str, act: np.ndarray, labels: np.ndarray, classes: list[str], *, shard: int = 64, layer: str = "l"
-) -> AtlasStore:
-    """An atlas holding only what the category analyses read: one layer's activation and the labels."""
-    n, c = act.shape
-    run = RunAttrs("resnet10t", None, f"synthetic:{n}", n, 64, config={"batch_size": shard, "seed": 0})
-    la = LayerAttrs(
-        "conv",
-        c,
-        (4, 4),
-        {"size": [7, 7], "stride": [2, 2], "offset": [0.0, 0.0]},
-        {"factor": 1, "size": 7, "first": [-3, -3]},
-    )
-    store = AtlasStore.create(url, run=run, layers={layer: la}, num_images=n, shard_size=shard, k=2)
-    store.require_array(spec("activation"), (n, c), (shard, c), layer=layer)[...] = act
-    label_arr, path_arr = image_arrays(store)
-    label_arr[...] = labels
-    path_arr[...] = np.array([f"img{i}.png" for i in range(n)], dtype="T")
-    store.root.attrs["classes"] = classes
-    for i in range(store.num_shards):
-        store.mark_done(sweep_shard_key(i))
-    return store
-
-
-class FakeAssets:
-    """Assets that draw figures into a matplotlib Figure and keep images in memory."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.names = tmp, []
-
-    def image(self, name: str, chw: np.ndarray, *, scale: str = "uint8") -> str:
-        assert chw.ndim == 3 and np.isfinite(chw).all()
-        self.names.append(name)
-        return f"img/{name}.png"
-
-    def figure(self, name: str, draw: Callable[[Any], None], *, size: tuple[float, float] = (3, 3)) -> str:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig = plt.figure(figsize=size)
-        draw(fig)
-        fig.savefig(self.tmp / f"{name}.png")
-        plt.close(fig)
-        self.names.append(name)
-        return f"img/{name}.png"
 
 
 def test_planted_class_unit_is_most_selective() -> None:
