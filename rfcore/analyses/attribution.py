@@ -84,17 +84,15 @@ class AttributionOptions:
         default=(), metadata={"help": "layers to analyse (empty: every swept layer)"}
     )
     top_units: int = field(default=10, metadata={"help": "top contributing units stored per class"})
-    class_logits: tuple[int, ...] = field(
+    class_logits: tuple[str, ...] = field(
         default=(),
-        metadata={"help": "logit index of each dataset class (empty: class k is logit k)"},
+        metadata={"help": "logit index of each dataset class, e.g. 0,217,482 (empty: class k is logit k)"},
     )
-    max_images: int | None = field(
-        default=None, metadata={"help": "contributions over the first N images only (default: all)"}
+    max_images: int = field(
+        default=0, metadata={"help": "contributions over the first N images only (0: all)"}
     )
     focus: bool = field(default=True, metadata={"help": "compute focus maps of the top-k images"})
-    focus_k: int | None = field(
-        default=None, metadata={"help": "top-k images per channel (default: the sweep's k)"}
-    )
+    focus_k: int = field(default=0, metadata={"help": "top-k images per channel (0: the sweep's k)"})
     smoothgrad_samples: int = field(
         default=0, metadata={"help": "SmoothGrad noisy copies per focus map (0: plain gradient)"}
     )
@@ -106,9 +104,9 @@ class AttributionOptions:
 
     def __post_init__(self) -> None:
         check(self.top_units >= 1, "top_units must be >= 1")
-        check(all(i >= 0 for i in self.class_logits), "class_logits must be >= 0")
-        check(self.max_images is None or self.max_images >= 1, "max_images must be >= 1")
-        check(self.focus_k is None or self.focus_k >= 1, "focus_k must be >= 1")
+        check(all(i.isdigit() for i in self.class_logits), "class_logits must be integers >= 0")
+        check(self.max_images >= 0, "max_images must be >= 0")
+        check(self.focus_k >= 0, "focus_k must be >= 0")
         check(self.smoothgrad_samples >= 0, "smoothgrad_samples must be >= 0")
         check(self.smoothgrad_noise > 0, "smoothgrad_noise must be > 0")
         check(self.batch_size >= 1, "batch_size must be >= 1")
@@ -116,7 +114,7 @@ class AttributionOptions:
 
 def _focus_k(store: AtlasStore, opts: Any) -> int:
     k = int(store.run["config"]["k"])
-    return k if opts.focus_k is None else min(k, int(opts.focus_k))
+    return min(k, int(opts.focus_k)) if opts.focus_k else k
 
 
 @register
@@ -181,8 +179,8 @@ class AttributionAnalysis(Analysis):
         model, dataset = res.model(), res.dataset()
         normalize = model_meta(model).preprocessing.normalize
         k = len(classes)
-        logit_of = torch.as_tensor(opts.class_logits or range(k), dtype=torch.int64)
-        n = len(dataset) if opts.max_images is None else min(len(dataset), opts.max_images)
+        logit_of = torch.as_tensor([int(i) for i in opts.class_logits] or range(k), dtype=torch.int64)
+        n = min(len(dataset), opts.max_images) if opts.max_images else len(dataset)
         sums: np.ndarray | None = None
         count = np.zeros(k, np.int64)
         for batch in iter_batches(dataset, range(n), opts.batch_size):

@@ -82,8 +82,8 @@ class ClusterOptions:
         default=5000, metadata={"help": "items above which MiniBatchKMeans.partial_fit runs over chunks"}
     )
     batch_rows: int = field(default=1024, metadata={"help": "items per MiniBatchKMeans chunk"})
-    chunk_rows: int | None = field(
-        default=None, metadata={"help": "images per block read (default: the activation's chunking)"}
+    chunk_rows: int = field(
+        default=0, metadata={"help": "images per block read (0: the activation's chunking)"}
     )
 
     def __post_init__(self) -> None:
@@ -91,7 +91,7 @@ class ClusterOptions:
         check(self.unit_norm in UNIT_NORMS, f"unit_norm must be one of {', '.join(UNIT_NORMS)}")
         check(self.class_norm in CLASS_NORMS, f"class_norm must be one of {', '.join(CLASS_NORMS)}")
         check(self.n_init >= 1 and self.batch_rows >= 1 and self.minibatch_above >= 1, "counts must be >= 1")
-        check(self.chunk_rows is None or self.chunk_rows >= 1, "chunk_rows must be >= 1")
+        check(self.chunk_rows >= 0, "chunk_rows must be >= 0")
 
 
 def _shapes(items: int, features: int, opts: Any) -> dict[str, tuple[int, ...]]:
@@ -139,7 +139,9 @@ class ClusterAnalysis(Analysis):
         opts = self.options(unit.args["options"])
         layer = str(unit.layer)
         labels, classes = labelled(store)
-        means = class_means(activation(store, layer), labels, len(classes), chunk_rows=opts.chunk_rows)
+        means = class_means(
+            activation(store, layer), labels, len(classes), chunk_rows=opts.chunk_rows or None
+        )
         out: dict[str, Any] = {"layer": layer}
         for items in ITEMS:
             feats, valid = (

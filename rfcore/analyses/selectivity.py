@@ -144,8 +144,8 @@ class SelectivityOptions:
         default="images", metadata={"help": f"lifetime sparseness over {' | '.join(SPARSENESS_OVER)}"}
     )
     alpha: float = field(default=0.01, metadata={"help": "p-value threshold of a selective unit (summaries)"})
-    chunk_rows: int | None = field(
-        default=None, metadata={"help": "images per block read (default: the activation's chunking)"}
+    chunk_rows: int = field(
+        default=0, metadata={"help": "images per block read (0: the activation's chunking)"}
     )
 
     def __post_init__(self) -> None:
@@ -153,7 +153,7 @@ class SelectivityOptions:
         check(self.negative in NEGATIVE_MODES, f"negative must be one of {', '.join(NEGATIVE_MODES)}")
         check(self.sparseness_over in SPARSENESS_OVER, f"sparseness_over: {', '.join(SPARSENESS_OVER)}")
         check(0.0 < self.alpha < 1.0, "alpha must be in (0, 1)")
-        check(self.chunk_rows is None or self.chunk_rows >= 1, "chunk_rows must be >= 1")
+        check(self.chunk_rows >= 0, "chunk_rows must be >= 0")
 
 
 def _spec(path: str, dims: tuple[str, ...], dtype: str, fill: float | int, doc: str) -> ArraySpec:
@@ -210,7 +210,7 @@ class SelectivityAnalysis(Analysis):
             seed=opts.seed,
             negative=opts.negative,
             sparseness_over=opts.sparseness_over,
-            chunk_rows=opts.chunk_rows,
+            chunk_rows=opts.chunk_rows or None,
         )
         group = store.layer_group(layer)[GROUP]
         assert isinstance(group, zarr.Group)
