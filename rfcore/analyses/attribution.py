@@ -15,13 +15,13 @@ import zarr
 
 from rfcore.analyses.selectivity import (
     activation,
-    analysis_layers,
     array_problems,
     group_attrs,
     labelled,
     pending_units,
     read,
     stored_config,
+    swept_layers,
 )
 from rfcore.analysis import (
     Analysis,
@@ -80,9 +80,7 @@ _SPECS = {s.path.removeprefix(f"{GROUP}/"): s for s in ARRAYS}
 class AttributionOptions:
     """Options of the attribution analysis."""
 
-    layers: tuple[str, ...] = field(
-        default=(), metadata={"help": "layers to analyse (empty: every swept layer)"}
-    )
+    layers: str = field(default="all", metadata={"help": "all (every swept layer) or a comma list of layers"})
     top_units: int = field(default=10, metadata={"help": "top contributing units stored per class"})
     class_logits: tuple[str, ...] = field(
         default=(),
@@ -103,6 +101,7 @@ class AttributionOptions:
     batch_size: int = field(default=32, metadata={"help": "images per forward/backward pass"})
 
     def __post_init__(self) -> None:
+        check(bool(self.layers.strip()), "layers must name at least one layer")
         check(self.top_units >= 1, "top_units must be >= 1")
         check(all(i.isdigit() for i in self.class_logits), "class_logits must be integers >= 0")
         check(self.max_images >= 0, "max_images must be >= 0")
@@ -137,7 +136,7 @@ class AttributionAnalysis(Analysis):
             )
         units = []
         args = {"options": options_config(opts)}
-        for layer in analysis_layers(store, opts.layers):
+        for layer in swept_layers(store, opts.layers):
             channels = int(activation(store, layer).shape[1])
             store.require_group(
                 f"layers/{layer}/{GROUP}", config=stored_config(opts, drop=("layers", "batch_size"))
@@ -262,7 +261,7 @@ class AttributionAnalysis(Analysis):
     def finish(self, store: AtlasStore, opts: Any) -> dict[str, Any]:
         atlas = Atlas(store)
         out = {}
-        for layer in analysis_layers(store, opts.layers):
+        for layer in swept_layers(store, opts.layers):
             attrs = group_attrs(atlas, f"layers/{layer}/{GROUP}") or {}
             if "contribution" in attrs:
                 out[layer] = attrs["contribution"]

@@ -15,7 +15,6 @@ import zarr
 
 from rfcore.analyses.selectivity import (
     activation,
-    analysis_layers,
     array_problems,
     draw_axes,
     group_attrs,
@@ -23,6 +22,7 @@ from rfcore.analyses.selectivity import (
     pending_units,
     read,
     stored_config,
+    swept_layers,
 )
 from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, options_config, register
 from rfcore.cluster import (
@@ -65,9 +65,7 @@ ARRAYS = (
 class ClusterOptions:
     """Options of the clustering analysis."""
 
-    layers: tuple[str, ...] = field(
-        default=(), metadata={"help": "layers to analyse (empty: every swept layer)"}
-    )
+    layers: str = field(default="all", metadata={"help": "all (every swept layer) or a comma list of layers"})
     k_min: int = field(default=2, metadata={"help": "smallest number of clusters tried"})
     k_max: int = field(default=10, metadata={"help": "largest number of clusters tried (at most items - 1)"})
     unit_norm: str = field(
@@ -87,6 +85,7 @@ class ClusterOptions:
     )
 
     def __post_init__(self) -> None:
+        check(bool(self.layers.strip()), "layers must name at least one layer")
         check(2 <= self.k_min <= self.k_max, "need 2 <= k_min <= k_max")
         check(self.unit_norm in UNIT_NORMS, f"unit_norm must be one of {', '.join(UNIT_NORMS)}")
         check(self.class_norm in CLASS_NORMS, f"class_norm must be one of {', '.join(CLASS_NORMS)}")
@@ -123,7 +122,7 @@ class ClusterAnalysis(Analysis):
         _, classes = labelled(store)
         store.require_group(ROOT, config=stored_config(opts))
         units = []
-        for layer in analysis_layers(store, opts.layers):
+        for layer in swept_layers(store, opts.layers):
             channels = int(activation(store, layer).shape[1])
             dims = {"units": (channels, len(classes)), "classes": (len(classes), channels)}
             for items, (n, f) in dims.items():
@@ -197,7 +196,7 @@ class ClusterAnalysis(Analysis):
     def finish(self, store: AtlasStore, opts: Any) -> dict[str, Any]:
         atlas = Atlas(store)
         out = {}
-        for layer in analysis_layers(store, opts.layers):
+        for layer in swept_layers(store, opts.layers):
             u = group_attrs(atlas, f"{ROOT}/{layer}/units") or {}
             c = group_attrs(atlas, f"{ROOT}/{layer}/classes") or {}
             if "kmeans_k" in u and "kmeans_k" in c:

@@ -21,6 +21,7 @@ from rfcore.analysis import (
     Unit,
     check,
     options_config,
+    parse_list,
     register,
 )
 from rfcore.errors import StoreError
@@ -34,16 +35,19 @@ GROUP = "selectivity"
 # --- helpers shared by the category analyses (selectivity, cluster, attribution) -----------------
 
 
-def analysis_layers(store: AtlasStore, wanted: tuple[str, ...]) -> list[str]:
-    """The swept layers named in `wanted` (all when empty), in the atlas's order; AnalysisError names
-    an unknown one."""
+def swept_layers(store: AtlasStore, spec: str) -> list[str]:
+    """`all` (every swept layer) or a comma list of swept layers, in the atlas's order; AnalysisError
+    names an unknown one."""
     names = store.layer_names
+    wanted = parse_list(spec)
+    if wanted == ["all"]:
+        return names
     for name in wanted:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f" (it has {', '.join(names)})"
             raise AnalysisError(f"atlas {redact(store.url)} has no layer {name!r}{hint}")
-    return [n for n in names if not wanted or n in wanted]
+    return [n for n in names if n in wanted]
 
 
 def labelled(store: AtlasStore) -> tuple[np.ndarray, list[str]]:
@@ -129,9 +133,7 @@ def read(atlas: Atlas, path: str, where: Any = Ellipsis) -> np.ndarray | None:
 class SelectivityOptions:
     """Options of the category-selectivity analysis."""
 
-    layers: tuple[str, ...] = field(
-        default=(), metadata={"help": "layers to analyse (empty: every swept layer)"}
-    )
+    layers: str = field(default="all", metadata={"help": "all (every swept layer) or a comma list of layers"})
     n_permutations: int = field(
         default=1000, metadata={"help": "label permutations of the test (p >= 1 / (n + 1))"}
     )
@@ -149,6 +151,7 @@ class SelectivityOptions:
     )
 
     def __post_init__(self) -> None:
+        check(bool(self.layers.strip()), "layers must name at least one layer")
         check(self.n_permutations >= 1, "n_permutations must be >= 1")
         check(self.negative in NEGATIVE_MODES, f"negative must be one of {', '.join(NEGATIVE_MODES)}")
         check(self.sparseness_over in SPARSENESS_OVER, f"sparseness_over: {', '.join(SPARSENESS_OVER)}")
@@ -189,7 +192,7 @@ class SelectivityAnalysis(Analysis):
     def plan(self, store: AtlasStore, opts: Any) -> list[Unit]:
         _, classes = labelled(store)
         units = []
-        for layer in analysis_layers(store, opts.layers):
+        for layer in swept_layers(store, opts.layers):
             channels = int(activation(store, layer).shape[1])
             store.require_group(f"layers/{layer}/{GROUP}", config=stored_config(opts))
             for spec in ARRAYS:
@@ -234,7 +237,7 @@ class SelectivityAnalysis(Analysis):
     def finish(self, store: AtlasStore, opts: Any) -> dict[str, Any]:
         atlas = Atlas(store)
         out = {}
-        for layer in analysis_layers(store, opts.layers):
+        for layer in swept_layers(store, opts.layers):
             attrs = group_attrs(atlas, f"layers/{layer}/{GROUP}") or {}
             if "distribution" in attrs:
                 out[layer] = {k: attrs["distribution"].get(k) for k in ("median", "significant", "units")}
