@@ -180,3 +180,6 @@ def test_report_and_findings(swept: tuple[AtlasStore, Res], tmp_path: Path) -> N
     layer = an.report_layer(atlas, "layer4.0", assets)
     assert layer is not None and f"<td>{UNIT} (" in layer.html
     assert an.channel_columns(atlas, "layer4.0")["max_contribution"].shape == (128,)
+    ds = atlas.layer("conv1").to_xarray()  # the new arrays are labelled like the sweep's
+    assert ds["attribution/focus"].dims == ("channel", "k", "py", "px")
+    assert ds["attribution/contribution"].dims == ("channel", "class")
