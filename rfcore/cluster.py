@@ -133,7 +133,7 @@ def cluster_items(
 ) -> Clustering:
     """k-means and Ward clustering of the valid rows of `features`, each with the k of the highest
     silhouette among `k_candidates(len(features))` (ties: the smaller k; candidates above the
-    number of valid items minus one are skipped); with no candidate every item is one cluster."""
+    number of valid items minus one, or of distinct ones, are skipped); with no candidate every item is one cluster."""
     n_items = features.shape[0]
     members = np.flatnonzero(valid).astype(np.int64)
     x = np.asarray(features[members], dtype=np.float64)
@@ -141,8 +141,10 @@ def cluster_items(
     km_sil = np.full(len(ks), np.nan)
     ward_sil = np.full(len(ks), np.nan)
     fits: dict[int, tuple[I64, F64]] = {}
+    distinct = np.unique(x, axis=0).shape[0] if len(members) else 0
+    usable = min(len(members) - 1, distinct)  # no more clusters than distinct points
     for i, k in enumerate(ks):
-        if k > len(members) - 1:
+        if k > usable:
             continue
         fits[int(k)] = kmeans(
             x, int(k), seed=seed, n_init=n_init, minibatch_above=minibatch_above, batch_rows=batch_rows
@@ -151,7 +153,7 @@ def cluster_items(
     z = linkage(x, method="ward") if len(members) >= 2 else np.zeros((0, 4))
     ward_fits: dict[int, I64] = {}
     for i, k in enumerate(ks):
-        if k > len(members) - 1:
+        if k > usable:
             continue
         ward_fits[int(k)] = (fcluster(z, int(k), criterion="maxclust") - 1).astype(np.int64)
         ward_sil[i] = _silhouette(x, ward_fits[int(k)], seed)
