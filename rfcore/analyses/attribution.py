@@ -126,7 +126,7 @@ class AttributionAnalysis(Analysis):
     Options = AttributionOptions
     uses_model = True
     uses_data = True
-    order = 50
+    order = 70
 
     def plan(self, store: AtlasStore, opts: Any) -> list[Unit]:
         _, classes = labelled(store)

@@ -116,7 +116,7 @@ class ClusterAnalysis(Analysis):
     description = "clusters of units by class-response profile and of classes by population response"
     arrays = ARRAYS
     Options = ClusterOptions
-    order = 45
+    order = 65
 
     def plan(self, store: AtlasStore, opts: Any) -> list[Unit]:
         _, classes = labelled(store)

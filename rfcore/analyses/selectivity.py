@@ -187,7 +187,7 @@ class SelectivityAnalysis(Analysis):
     description = "category selectivity per unit: class means, index, sparseness, permutation p-value"
     arrays = ARRAYS
     Options = SelectivityOptions
-    order = 40
+    order = 60
 
     def plan(self, store: AtlasStore, opts: Any) -> list[Unit]:
         _, classes = labelled(store)
