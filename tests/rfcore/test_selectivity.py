@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from rfcore.analysis import AnalysisError, get_analysis
 from rfcore.data import open_dataset
-from rfcore.models import default_preprocessing
-from rfcore.pipeline import run_sweep
+from rfcore.models import default_preprocessing, get_model
+from rfcore.pipeline import merge_layer, prepare_store, run_sweep, sweep_shard
 from rfcore.selectivity import (
     category_selectivity,
     lifetime_sparseness,
@@ -53,7 +54,7 @@ def planted(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return act.astype(np.float32), labels
 
 
-def test_planted_class_unit_is_most_selective() -> None:
+def test_planted_class_evidence_unit_is_most_selective() -> None:
     act, labels = planted()
     sel = category_selectivity(act, labels, K, n_permutations=300, seed=1)
     assert int(np.nanargmax(sel.index)) == PLANTED
@@ -62,6 +63,42 @@ def test_planted_class_unit_is_most_selective() -> None:
     assert np.nanargmax(sel.sparseness) == PLANTED  # a one-class unit is also the sparsest
     ok = (labels >= 0) & np.isfinite(act).all(axis=1)
     assert sel.count.tolist() == np.bincount(labels[ok], minlength=K).tolist()
+
+
+def test_a_unit_wired_to_one_synthetic_class_is_the_most_selective(tmp_path: Path) -> None:
+    """resnet10t whose conv1 channel 0 is a low-pass blue-yellow opponent filter, thresholded by its
+    BatchNorm: after the max-pool it responds to the evidence of the one low-frequency blue-yellow
+    class of the synthetic data (class 9) and to nothing else; the sweep, then the analysis."""
+    model = get_model("resnet10t", seed=0)
+    yy, xx = np.mgrid[-3:4, -3:4]
+    blur = np.exp(-(yy**2 + xx**2) / 8.0)
+    with torch.no_grad():
+        opponent = np.array([0.35, 0.35, -0.5])[:, None, None] * blur / blur.sum()
+        model.conv1.weight[0] = torch.tensor(opponent, dtype=torch.float32)
+        bn = model.bn1
+        bn.weight[0], bn.bias[0], bn.running_mean[0], bn.running_var[0] = 1.0, -0.9, 0.0, 1.0
+    url, data = str(tmp_path / "w"), "synthetic:200"
+    store = prepare_store(
+        url,
+        model_name="resnet10t",
+        weights=None,
+        data_spec=data,
+        layers="maxpool",
+        k=2,
+        shard_size=100,
+        batch_size=100,
+    )
+    pre = default_preprocessing("resnet10t")
+    ds = open_dataset(data, size=pre.size, resize=pre.resize)
+    for shard in range(store.num_shards):
+        sweep_shard(url, shard, model=model, dataset=ds, device="cpu")
+    merge_layer(url, "maxpool")
+    sel = get_analysis("selectivity")
+    (unit,) = sel.plan(store, sel.options({"n_permutations": 200}))
+    sel.run(store, unit, None)  # type: ignore[arg-type]  # reads no model
+    cols = sel.channel_columns(open_atlas(url), "maxpool")
+    assert int(np.nanargmax(cols["selectivity"])) == 0
+    assert cols["preferred_class"][0] == 9 and cols["selectivity_p"][0] < 0.01
 
 
 def test_definitions_match_brute_force() -> None:
