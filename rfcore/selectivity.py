@@ -21,7 +21,8 @@ from rfcore.errors import DataError
 
 NEGATIVE_MODES = ("shift", "clip", "nan")
 SPARSENESS_OVER = ("images", "classes")
-_PERM_LABEL_BYTES = 64 * 2**20  # permuted labels held at once (int32): bounds the memory of the test
+_PERM_LABEL_BYTES = 64 * 2**20  # permuted labels held at once (int32) ...
+_PERM_SUM_BYTES = 256 * 2**20  # ... and their class sums (float64): bound the memory of the test
 
 F64 = NDArray[np.float64]
 
@@ -177,14 +178,20 @@ def permutation_pvalue(
     """Per-unit p-value of the selectivity index under label permutation: the labels of the used
     images are shuffled (seeded; the same shuffles whatever the chunking), the index recomputed, and
     p = (1 + #{index_perm >= index_obs}) / (1 + n_permutations) (Phipson & Smyth 2010). Permutations
-    are done in groups whose labels fit in 64 MiB, one pass over the rows per group."""
+    are done in groups whose labels fit in 64 MiB and class sums in 256 MiB, one pass over the rows
+    per group."""
     if n_permutations < 1:
         raise DataError("n_permutations must be >= 1")
     labels = np.asarray(labels, dtype=np.int64)
     k, c = stats.total.shape
     used = np.flatnonzero(stats.valid)
     base = labels[used]
-    group = max(1, min(n_permutations, _PERM_LABEL_BYTES // (4 * max(labels.shape[0], 1))))
+    group = min(
+        n_permutations,
+        _PERM_LABEL_BYTES // (4 * max(labels.shape[0], 1)),
+        _PERM_SUM_BYTES // (8 * k * max(c, 1)),
+    )
+    group = max(group, 1)
     rng = np.random.default_rng(seed)
     tol = 1e-9 * np.abs(observed)
     exceed = np.zeros(c, np.int64)

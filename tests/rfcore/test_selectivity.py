@@ -11,6 +11,7 @@ import pytest
 import torch
 import zarr
 
+import rfcore.selectivity
 from rfcore.analysis import AnalysisError, get_analysis
 from rfcore.data import open_dataset
 from rfcore.models import default_preprocessing, get_model
@@ -127,11 +128,12 @@ def test_definitions_match_brute_force() -> None:
     assert np.isclose(lifetime_sparseness(np.float64(1.0), np.float64(1.0), 4), 0.0)
 
 
-def test_out_of_core_equals_in_memory() -> None:
+def test_out_of_core_equals_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     act, labels = planted(5)
     z = zarr.create_array(zarr.storage.MemoryStore(), shape=act.shape, chunks=(64, C), dtype="float32")
     z[...] = act
     memory = category_selectivity(act, labels, K, n_permutations=50, seed=2)
+    monkeypatch.setattr(rfcore.selectivity, "_PERM_SUM_BYTES", 8 * K * C * 7)  # 8 passes of <= 7 shuffles
     lazy = category_selectivity(z, labels, K, n_permutations=50, seed=2, chunk_rows=23)
     for name in ("mean", "sem", "index", "sparseness"):
         assert np.allclose(getattr(memory, name), getattr(lazy, name), rtol=1e-10, equal_nan=True), name
