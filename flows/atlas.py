@@ -22,7 +22,7 @@ from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 
 from flows.actmax import actmax_analysis
-from flows.lease import LEASE_TTL_S, lease_owner
+from flows.lease import hold_lease, lease_owner
 from flows.noise import inactive_analysis, noise_analysis
 from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
@@ -189,7 +189,7 @@ def atlas(
     store = AtlasStore.open(store_url, "r+")
     label = f"atlas-{model}-{data}"
     safe_url = redact(store_url)
-    with store.lease(lease_owner(), ttl_s=LEASE_TTL_S):
+    with hold_lease(store):
         n, total = plan["num_shards"], plan["num_images"]
         done = store.done_keys("sweep")
         pending = [s for s in range(n) if sweep_shard_key(s) not in done]

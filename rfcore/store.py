@@ -720,7 +720,9 @@ class AtlasStore:
         return True
 
     def _locked_message(self, held: Mapping[str, Any]) -> str:
-        where = f" (holder: host {held['host']} pid {held['pid']})" if "host" in held and "pid" in held else ""
+        where = (
+            f" (holder: host {held['host']} pid {held['pid']})" if "host" in held and "pid" in held else ""
+        )
         return (
             f"store {redact(self.url)} is leased by {held.get('owner')} until "
             f"{_iso(float(held.get('expires', 0)))}; wait for it or use another --out{where}"
