@@ -26,7 +26,7 @@ from flows.lease import hold_lease, lease_owner
 from flows.noise import inactive_analysis, noise_analysis
 from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
-from rfcore.data import SkippedImage
+from rfcore.data import SkippedImage, check_run_labels
 from rfcore.errors import RfatlasError
 from rfcore.models import select_device
 from rfcore.pipeline import DEFAULT_SHARD_SIZE
@@ -41,6 +41,9 @@ ANALYSES: dict[str, Flow[..., Any] | None] = {
     "noise": noise_analysis,
     "actmax": actmax_analysis,
 }
+
+#: Analyses that compare the model's output with the data's labels: checked before the sweep starts.
+LABEL_ANALYSES = {"noise"}
 
 
 def parse_analyses(spec: str | Sequence[str] | None) -> list[str]:
@@ -110,6 +113,8 @@ def check_inputs(
         shard_size=shard_size, batch_size=batch_size, patch_max=patch_max, seed=seed,
     )  # fmt: skip
     store = AtlasStore.open(plan["store_url"], "r+")
+    if LABEL_ANALYSES & set(names):
+        check_run_labels(store.run)  # label -1 / >= classes would fail only after the sweep
     with store.lease(lease_owner() + " (input check)", ttl_s=10.0):
         pass
     plan["analyses"] = names
@@ -187,6 +192,8 @@ def atlas(
     )  # fmt: skip
     store_url = plan["store_url"]  # `{weights_digest}` filled in
     store = AtlasStore.open(store_url, "r+")
+    if LABEL_ANALYSES & set(names):
+        check_run_labels(store.run)
     label = f"atlas-{model}-{data}"
     safe_url = redact(store_url)
     with hold_lease(store):

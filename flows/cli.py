@@ -142,7 +142,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     analyses = parse_analyses(args.analyses or DEMO["analyses"])
+    from flows.demo import check_demo_out
+
     out = _out_url(args.out)
+    check_demo_out(out)
     if os.path.exists(out) and not os.path.isdir(out):
         return _err(f"--out {out} is a file; give a directory")
     runner = make_task_runner(args.workers or DEMO["workers"], device=args.device)

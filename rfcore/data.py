@@ -544,6 +544,26 @@ def model_label_lut(ds: ImageDataset, num_classes: int) -> np.ndarray | None:
     return None
 
 
+def check_run_labels(run: Mapping[str, Any]) -> None:
+    """Before an analysis that needs labels (noise) starts: DataError unless the labels of the
+    atlas's data (`run` attrs) can be its model's classes (see `model_label_lut`)."""
+    if not run.get("num_classes"):
+        return
+    pre = run.get("preprocessing") or {}
+    ds = open_dataset(str(run["dataset"]), size=int(run["image_size"]), resize=pre.get("resize"))
+    model_label_lut(ds, int(run["num_classes"]))
+
+
+def check_data_matches(ds: ImageDataset, run: Mapping[str, Any]) -> None:
+    """DataError when the data changed since the atlas (`run` attrs) was made: its fingerprint differs."""
+    want = run.get("data_fingerprint")
+    if want is not None and ds.fingerprint != want:
+        raise DataError(
+            f"the data {ds.spec} changed since the atlas was made (fingerprint {ds.fingerprint}, not "
+            f"{want}): files were added, removed or replaced; sweep it into another --out"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- open
 
 

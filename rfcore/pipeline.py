@@ -18,9 +18,17 @@ import torch
 import zarr
 from torch import nn
 
-from rfcore.data import BadImageError, ImageDataset, SkippedImage, iter_batches, open_dataset, shard_ranges
+from rfcore.data import (
+    BadImageError,
+    ImageDataset,
+    SkippedImage,
+    check_data_matches,
+    iter_batches,
+    open_dataset,
+    shard_ranges,
+)
 from rfcore.errors import StoreError
-from rfcore.models import get_model, model_meta
+from rfcore.models import check_model_matches, get_model, model_meta
 from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
 from rfcore.store import AtlasStore, redact, refuse_credentials
@@ -86,6 +94,9 @@ def prepare_store(
         model=model_name,
         weights=weights,
         weights_digest=meta.weights_digest,
+        weights_version=meta.weights_version,
+        data_fingerprint=dataset.fingerprint,
+        num_classes=meta.num_classes,
         dataset=data_spec,
         num_images=len(dataset),
         image_size=pre.size,
@@ -192,6 +203,8 @@ def sweep_shard(
     if not 0 <= shard_id < len(shards):
         raise StoreError(f"shard {shard_id} out of range: the atlas has {len(shards)} shards")
     rows = shards[shard_id]
+    check_model_matches(model, store.run)  # a checkpoint overwritten since the atlas was made
+    check_data_matches(dataset, store.run)
     if len(dataset) != int(store.run["num_images"]):
         raise StoreError(
             f"dataset has {len(dataset)} images but the atlas was made for {store.run['num_images']}"
@@ -239,7 +252,8 @@ def sweep_shard(
         state = runner.reducers[name].state_dict()
         for key, parr in _partial_arrays(store, name, geo, channels).items():
             parr[shard_id] = state[key]
-    store.mark_done(sweep_shard_key(shard_id))
+    nonfinite = {name: idx for name, idx in runner.nonfinite.items() if idx}
+    store.mark_done(sweep_shard_key(shard_id), {"nonfinite": nonfinite} if nonfinite else None)
     seconds = time.perf_counter() - t0
     return {"shard": shard_id, "images": images, "skipped": skipped, "seconds": seconds, "cached": False}
 
@@ -280,9 +294,20 @@ def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
     }
     for path, (data, chunks) in outputs.items():
         store.require_array(spec(path), data.shape, chunks, layer=layer)[...] = data
+    store.set_layer_attrs(layer, **_nonfinite_attrs(store, layer))
     store.mark_done(f"merge/{layer}")
     store.remove("partial", layer=layer)
     return {"layer": layer, "seconds": time.perf_counter() - t0, "cached": False}
+
+
+def _nonfinite_attrs(store: AtlasStore, layer: str) -> dict[str, Any]:
+    """Images whose activations in `layer` held NaN/inf (kept out of every statistic; their
+    activation rows are -inf), from the shards' markers: {nonfinite_images, nonfinite_examples}."""
+    found: list[int] = []
+    for s in range(store.num_shards):
+        body = store.marker(sweep_shard_key(s)) or {}
+        found += [int(i) for i in (body.get("info") or {}).get("nonfinite", {}).get(layer, [])]
+    return {"nonfinite_images": len(found), "nonfinite_examples": sorted(found)[:10]}
 
 
 def crop_patches(store_url: str, layer: str, *, dataset: ImageDataset) -> dict[str, Any]:

@@ -46,7 +46,8 @@ from rfcore.schema import (
     RunAttrs,
     sweep_shard_key,
 )
-from rfcore.urls import is_local, redact
+from rfcore.urls import is_local
+from rfcore.urls import redact as redact  # re-export (moved to rfcore.urls)
 from rfcore.urls import refuse_credentials as refuse_credentials  # re-export (moved to rfcore.urls)
 
 if TYPE_CHECKING:
@@ -652,14 +653,28 @@ class AtlasStore:
         root.attrs.update({"skipped": [current[i] for i in sorted(current)]})
 
     # --- completion markers -------------------------------------------------------------------
-    def mark_done(self, key: str) -> None:
+    def marker(self, key: str) -> dict[str, Any] | None:
+        """The body of marker `key` ({key, time, info?}), None if absent."""
+        raw = self._objects.get(f"{_DONE}/{_check_key(key)}")
+        if raw is None:
+            return None
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def mark_done(self, key: str, info: Mapping[str, Any] | None = None) -> None:
         """Write the completion marker `key` (call after the data is written). When this run's lease
         token is known (`lease_token`, or the registered provider), LeaseLostError if the store's
         lease is no longer held by it."""
         self._writable()
         _check_key(key)
         self.check_lease()  # a run that lost the store's lease must not mark work done
-        body = json.dumps({"key": key, "time": _iso(time.time())}).encode()
+        doc: dict[str, Any] = {"key": key, "time": _iso(time.time())}
+        if info:
+            doc["info"] = json.loads(json.dumps(dict(info)))
+        body = json.dumps(doc).encode()
         self._objects.put(f"{_DONE}/{key}", body)
 
     def is_done(self, key: str) -> bool:

@@ -12,7 +12,7 @@ from rfcore.models import select_device
 from rfcore.noise import noise_shard, prepare_noise, summarize_store
 from rfcore.store import AtlasStore
 from tasks.policy import GPU_TAG, TASK_OPTIONS
-from tasks.runtime import cached_dataset, configure_threads_from_env, run_model
+from tasks.runtime import configure_threads_from_env, run_dataset, run_model
 
 
 @task(name="inactive", task_run_name="inactive[layer={layer}]", **TASK_OPTIONS)
@@ -46,7 +46,7 @@ def noise_shard_task(
     store = AtlasStore.open(store_url, "r+")
     run = store.run
     model = run_model(run, device)
-    dataset = cached_dataset(run["dataset"], int(run["image_size"]), run["preprocessing"].get("resize"))
+    dataset = run_dataset(run, labels=True)  # labels in the model's classes (Imagenette -> ImageNet)
     return noise_shard(
         store, layer, condition, shard, model=model, dataset=dataset, device=select_device(device)
     )

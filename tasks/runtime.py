@@ -77,6 +77,21 @@ def cached_dataset(spec: str, size: int, resize: int | None, fingerprint: str | 
     return ds
 
 
+def run_dataset(run: Mapping[str, Any], *, labels: bool = False) -> ImageDataset:
+    """`cached_dataset` of an atlas's `run` attrs (reopened if the data changed on this worker since
+    it was cached); with `labels`, labels in the model's class indices (`ImageDataset.for_model`:
+    Imagenette -> ImageNet; DataError where they cannot be the model's classes)."""
+    ds = cached_dataset(
+        run["dataset"],
+        int(run["image_size"]),
+        run["preprocessing"].get("resize"),
+        run.get("data_fingerprint"),
+    )
+    if labels and run.get("num_classes"):
+        return ds.for_model(int(run["num_classes"]))
+    return ds
+
+
 @lru_cache(maxsize=8)
 def _open_dataset(spec: str, size: int, resize: int | None) -> ImageDataset:
     return open_dataset(spec, size=size, resize=resize)
