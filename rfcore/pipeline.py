@@ -228,6 +228,7 @@ def sweep_shard(
         device=device,
         amp=amp,
     )
+    precision = _check_precision(store, runner)
     act = {n: np.full((len(rows), c), np.nan, np.float32) for n, (_, c, _) in geos.items()}
     skipped: list[dict[str, Any]] = []
     images = 0
@@ -253,7 +254,8 @@ def sweep_shard(
         for key, parr in _partial_arrays(store, name, geo, channels).items():
             parr[shard_id] = state[key]
     nonfinite = {name: idx for name, idx in runner.nonfinite.items() if idx}
-    store.mark_done(sweep_shard_key(shard_id), {"nonfinite": nonfinite} if nonfinite else None)
+    info: dict[str, Any] = {"precision": precision, **({"nonfinite": nonfinite} if nonfinite else {})}
+    store.mark_done(sweep_shard_key(shard_id), info)
     seconds = time.perf_counter() - t0
     return {"shard": shard_id, "images": images, "skipped": skipped, "seconds": seconds, "cached": False}
 
@@ -300,14 +302,39 @@ def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
     return {"layer": layer, "seconds": time.perf_counter() - t0, "cached": False}
 
 
+def _check_precision(store: AtlasStore, runner: SweepRunner) -> str:
+    """The precision this shard runs in (float32, bfloat16, float16); StoreError when the shards
+    already swept ran in another one (a resume on another kind of device would mix them)."""
+    from rfcore.precision import autocast_dtype
+
+    precision = str(autocast_dtype(runner.device, runner.amp) or torch.float32).removeprefix("torch.")
+    done = sorted(store.done_keys("sweep"))
+    before = ((store.marker(done[0]) or {}).get("info") or {}).get("precision") if done else None
+    if before is not None and before != precision:
+        raise StoreError(
+            f"atlas {redact(store.url)} was swept in {before} ({done[0]}), but this shard would run in "
+            f"{precision} on {runner.device}; resume on the same kind of device or use another --out"
+        )
+    return precision
+
+
 def _nonfinite_attrs(store: AtlasStore, layer: str) -> dict[str, Any]:
-    """Images whose activations in `layer` held NaN/inf (kept out of every statistic; their
-    activation rows are -inf), from the shards' markers: {nonfinite_images, nonfinite_examples}."""
+    """From the shards' markers: images whose activations in `layer` held NaN/inf (kept out of every
+    statistic; their activation rows are -inf) and the precision of the sweep:
+    {nonfinite_images, nonfinite_examples, precision}."""
     found: list[int] = []
+    precisions: set[str] = set()
     for s in range(store.num_shards):
-        body = store.marker(sweep_shard_key(s)) or {}
-        found += [int(i) for i in (body.get("info") or {}).get("nonfinite", {}).get(layer, [])]
-    return {"nonfinite_images": len(found), "nonfinite_examples": sorted(found)[:10]}
+        info = (store.marker(sweep_shard_key(s)) or {}).get("info") or {}
+        found += [int(i) for i in info.get("nonfinite", {}).get(layer, [])]
+        precisions |= {str(info["precision"])} if "precision" in info else set()
+    if len(precisions) > 1:
+        raise StoreError(
+            f"the shards of {redact(store.url)} were swept in different precisions ({', '.join(sorted(precisions))}); "
+            "use another --out"
+        )
+    precision = {"precision": precisions.pop()} if precisions else {}
+    return {"nonfinite_images": len(found), "nonfinite_examples": sorted(found)[:10], **precision}
 
 
 def crop_patches(store_url: str, layer: str, *, dataset: ImageDataset) -> dict[str, Any]:

@@ -21,9 +21,9 @@ IDENTITY_KEYS = (
     "model",
     "weights",
     "weights_digest",  # a checkpoint's bytes: the same URL with new contents is another run
+    "weights_version",  # torchvision weights resolved (DEFAULT -> IMAGENET1K_V2:<file>)
     "dataset",
     "data_fingerprint",  # the data's content (file list with sizes/mtimes or ETags, ingest digest)
-    "weights_version",  # torchvision weights resolved (DEFAULT -> IMAGENET1K_V2:<file>)
     "num_images",
     "image_size",
     "k",
