@@ -281,7 +281,9 @@ class _Objects:
             except Exception as exc:
                 if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
                     return False
-                raise
+                # an S3 without conditional deletes: mark it released (expired) instead, still only
+                # if nobody took it over meanwhile
+                return self.replace_if(key, json.dumps({"released": True, "expires": 0}).encode(), version)
             return True
         with _MEMORY_LOCK if self._is_memory() else contextlib.nullcontext():
             found = self.read_versioned(key)
