@@ -31,7 +31,7 @@ from rfcore.errors import StoreError
 from rfcore.models import check_model_matches, get_model, model_meta
 from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
-from rfcore.store import AtlasStore, redact, refuse_credentials
+from rfcore.store import AtlasStore
 from rfcore.sweep import (
     STATE_KEYS,
     LayerReducer,
@@ -40,6 +40,7 @@ from rfcore.sweep import (
     crop_topk_patches,
     plan_layers,
 )
+from rfcore.urls import redact, refuse_credentials
 
 DEFAULT_SHARD_SIZE = 1024
 _CHANNEL_CHUNK = 16  # channels per chunk of mean_stimulus (topk/patch: one channel per chunk)
