@@ -222,6 +222,14 @@ class _Objects:
                 os.link(tmp, dest)
             except FileExistsError:
                 return False
+            except OSError:  # a file system without hard links: O_EXCL create under the flock
+                with self._local_lock(key):
+                    try:
+                        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    except FileExistsError:
+                        return False
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
             finally:
                 tmp.unlink()
             return True

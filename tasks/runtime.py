@@ -39,7 +39,10 @@ def cached_model(name: str, weights: str | None, device: str, seed: int = 0) -> 
             digest = model_meta(model).weights_digest
             _STAMPS[(weights, stamp)] = digest
             _PRELOADED[(name, weights, digest, seed)] = model
-        return _load_model(name, weights, digest, device, seed)
+        try:
+            return _load_model(name, weights, digest, device, seed)
+        finally:
+            _PRELOADED.pop((name, weights, digest, seed), None)  # used, or not needed (cached)
 
 
 def run_model(run: Mapping[str, Any], device: str) -> nn.Module:
