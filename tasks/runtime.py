@@ -122,3 +122,22 @@ def clear_caches() -> None:
         _STAMPS.clear()
         _PRELOADED.clear()
     _open_dataset.cache_clear()
+
+
+class WorkerResources:
+    """`rfcore.analysis.Resources` of one atlas on this worker: its model and dataset, loaded once per
+    worker (the caches above), on the device that `device` selects here. The model is checked
+    against the atlas's weights digest; with `labels`, the dataset's labels are the model's classes
+    (Imagenette -> ImageNet indices for a 1000-class model)."""
+
+    def __init__(self, run: Mapping[str, Any], device: str, *, labels: bool = False) -> None:
+        self._run = run
+        self._device_spec = device
+        self._labels = labels
+        self.device = select_device(device)
+
+    def model(self) -> nn.Module:
+        return run_model(self._run, self._device_spec)
+
+    def dataset(self) -> ImageDataset:
+        return run_dataset(self._run, labels=self._labels)
