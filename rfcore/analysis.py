@@ -94,6 +94,7 @@ class Analysis:
     Options: ClassVar[type[Any]] = NoOptions
     uses_model: ClassVar[bool] = False  # runs the network: GPU tag, model cache
     uses_data: ClassVar[bool] = False  # reads the dataset
+    uses_labels: ClassVar[bool] = False  # compares outputs with labels: checked before the sweep starts
     order: ClassVar[int] = 100  # run order in `--analyses all` (lower first)
 
     # --- the three steps -------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def run_unit(name: str, store_url: str, unit: Unit, device: str = "auto") -> dic
     if store.is_done(unit.key):
         return {"key": unit.key, "cached": True}
     configure_threads_from_env()
-    out = get_analysis(name).run(store, unit, WorkerResources(store.run, device))
+    analysis = get_analysis(name)
+    out = analysis.run(store, unit, WorkerResources(store.run, device, labels=analysis.uses_labels))
     store.mark_done(unit.key)
     return {"key": unit.key, "cached": False, **out}
 
