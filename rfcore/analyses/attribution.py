@@ -82,10 +82,6 @@ class AttributionOptions:
 
     layers: str = field(default="all", metadata={"help": "all (every swept layer) or a comma list of layers"})
     top_units: int = field(default=10, metadata={"help": "top contributing units stored per class"})
-    class_logits: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "logit index of each dataset class, e.g. 0,217,482 (empty: class k is logit k)"},
-    )
     max_images: int = field(
         default=0, metadata={"help": "contributions over the first N images only (0: all)"}
     )
@@ -103,7 +99,6 @@ class AttributionOptions:
     def __post_init__(self) -> None:
         check(bool(self.layers.strip()), "layers must name at least one layer")
         check(self.top_units >= 1, "top_units must be >= 1")
-        check(all(i.isdigit() for i in self.class_logits), "class_logits must be integers >= 0")
         check(self.max_images >= 0, "max_images must be >= 0")
         check(self.focus_k >= 0, "focus_k must be >= 0")
         check(self.smoothgrad_samples >= 0, "smoothgrad_samples must be >= 0")
@@ -126,14 +121,11 @@ class AttributionAnalysis(Analysis):
     Options = AttributionOptions
     uses_model = True
     uses_data = True
+    uses_labels = True  # the logit of each image's class: labels in the model's class indices
     order = 70
 
     def plan(self, store: AtlasStore, opts: Any) -> list[Unit]:
         _, classes = labelled(store)
-        if opts.class_logits and len(opts.class_logits) != len(classes):
-            raise AnalysisError(
-                f"class_logits names {len(opts.class_logits)} logits for {len(classes)} classes"
-            )
         units = []
         args = {"options": options_config(opts)}
         for layer in swept_layers(store, opts.layers):
@@ -174,26 +166,25 @@ class AttributionAnalysis(Analysis):
         return self._contribution(store, layer, opts, res)
 
     def _contribution(self, store: AtlasStore, layer: str, opts: Any, res: Resources) -> dict[str, Any]:
-        _, classes = labelled(store)
-        model, dataset = res.model(), res.dataset()
+        labels, classes = labelled(store)  # the dataset's classes, as the sweep recorded them
+        model, dataset = res.model(), res.dataset()  # its batches' labels: the model's class indices
         normalize = model_meta(model).preprocessing.normalize
         k = len(classes)
-        logit_of = torch.as_tensor([int(i) for i in opts.class_logits] or range(k), dtype=torch.int64)
         n = min(len(dataset), opts.max_images) if opts.max_images else len(dataset)
         sums: np.ndarray | None = None
         count = np.zeros(k, np.int64)
         for batch in iter_batches(dataset, range(n), opts.batch_size):
-            keep = (batch.labels >= 0) & (batch.labels < k)
-            if not bool(keep.any()):
+            cls = labels[batch.indices.numpy()]
+            keep = (cls >= 0) & (cls < k) & (batch.labels.numpy() >= 0)
+            if not keep.any():
                 continue
-            labels = batch.labels[keep]
-            x = normalize(batch.images[keep].to(res.device))
-            contrib = batch_contribution(model, layer, x, logit_of[labels]).double().cpu().numpy()
+            mask = torch.from_numpy(keep)
+            x = normalize(batch.images[mask].to(res.device))
+            contrib = batch_contribution(model, layer, x, batch.labels[mask]).double().cpu().numpy()
             if sums is None:
                 sums = np.zeros((k, contrib.shape[1]))
-            lab = labels.numpy()
-            np.add.at(sums, lab, contrib)
-            count += np.bincount(lab, minlength=k)
+            np.add.at(sums, cls[keep], contrib)
+            count += np.bincount(cls[keep], minlength=k)
         if sums is None:
             raise StoreError(f"no labelled image of {dataset.spec} to attribute")
         table = contribution_table(sums, count)
