@@ -14,7 +14,7 @@ import torch
 import zarr
 from torch import nn
 
-from rfcore.analysis import get_analysis
+from rfcore.analysis import Unit, get_analysis, options_config
 from rfcore.attribution import input_saliency
 from rfcore.data import ImageDataset, open_dataset
 from rfcore.models import get_model, model_meta
@@ -121,6 +121,32 @@ def test_planted_unit_has_the_largest_contribution(swept: tuple[AtlasStore, Res]
     for c in np.unique(labels):
         assert np.isclose(table[:, c].sum(), logits[labels == c, c].mean(), rtol=1e-4, atol=1e-4)
     assert root["layers/layer4.0/attribution/count"][...].sum() == N
+
+
+def test_logits_follow_the_models_class_of_each_label(swept: tuple[AtlasStore, Res], tmp_path: Path) -> None:
+    """With labels mapped to other model classes (`ImageDataset.label_lut`, e.g. Imagenette ->
+    ImageNet), a class's contribution is to its model class's logit: the planted unit now drives the
+    dataset class whose label maps to logit CLASS."""
+    import copy
+    import shutil
+
+    store, res = swept
+    url = str(tmp_path / "copy")
+    shutil.copytree(store.url, url)
+    mapped = copy.copy(res.dataset())
+    mapped.label_lut = (np.arange(10) + 3) % 10  # dataset class c -> logit c + 3
+    an = get_analysis("attribution")
+    unit = Unit(
+        "attribution/layer4.0/contribution",
+        "layer4.0",
+        {
+            "options": options_config(an.options({"layers": "layer4.0", "focus": False})),
+            "part": "contribution",
+        },
+    )
+    an.run(AtlasStore.open(url, "r+"), unit, Res(res.model(), mapped))
+    top = zarr.open_group(url, mode="r")["layers/layer4.0/attribution/top_unit"][...]
+    assert top[(CLASS - 3) % 10, 0] == UNIT and top[CLASS, 0] != UNIT
 
 
 def test_focus_map_peaks_at_the_planted_pixel(swept: tuple[AtlasStore, Res]) -> None:
