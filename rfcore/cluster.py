@@ -2,7 +2,7 @@
 response vectors (pure math, scikit-learn and scipy; no store I/O).
 
 Both start from the (units x classes) matrix of class-mean responses, which `class_means` accumulates
-block by block (a zarr activation array is read out of core through dask). k-means (`KMeans`, or
+block by block (a zarr activation array is read out of core, slice by slice). k-means (`KMeans`, or
 `MiniBatchKMeans.partial_fit` over row chunks above `minibatch_above` items) and agglomerative Ward
 clustering (scipy linkage, kept for the dendrogram) each pick k by the silhouette score over
 `[k_min, k_max]`. Definitions and sources: docs/category.md.

@@ -2,7 +2,7 @@
 
 Inputs are the sweep's `activation` (image x channel; NaN rows = skipped images) and per-image
 labels (-1 = unlabelled). Everything is accumulated over row blocks, so a zarr array is read out of
-core (`row_blocks`: dask.array.from_zarr, one block at a time) and gives the in-memory result.
+core (`row_blocks`: zarr slices, one block at a time) and gives the in-memory result.
 Definitions and sources: docs/category.md.
 """
 
@@ -28,27 +28,18 @@ F64 = NDArray[np.float64]
 
 
 def row_blocks(activation: Any, chunk_rows: int | None = None) -> Iterator[tuple[int, F64]]:
-    """(first row, float64 block) over the rows of a 2-D array, in order.
-
-    A zarr array is read lazily through `dask.array.from_zarr` (rechunked to `chunk_rows` rows,
-    default its own row chunking), one block in memory at a time; numpy arrays are cut likewise.
-    """
+    """(first row, float64 block) over the rows of a 2-D array, in order, one block in memory at a
+    time: a zarr array is read slice by slice (default: its own row chunking), so it never needs to
+    fit in memory; numpy arrays are cut likewise."""
     if isinstance(activation, zarr.Array):
-        import dask.array as da
-
-        lazy = da.from_zarr(activation)  # type: ignore[no-untyped-call]
-        lazy = lazy.rechunk({0: chunk_rows or lazy.chunksize[0], 1: -1})
-        start = 0
-        for i in range(lazy.numblocks[0]):
-            block = np.asarray(lazy.blocks[i].compute(scheduler="synchronous"), dtype=np.float64)
-            yield start, block
-            start += block.shape[0]
-        return
-    arr = np.asarray(activation)
-    if arr.ndim != 2:
+        arr: Any = activation
+        step = chunk_rows or int(activation.chunks[0])
+    else:
+        arr = np.asarray(activation)
+        step = chunk_rows or max(arr.shape[0], 1)
+    if len(arr.shape) != 2:
         raise DataError(f"activation must be 2-D (image, channel), got shape {arr.shape}")
-    step = chunk_rows or max(arr.shape[0], 1)
-    for start in range(0, arr.shape[0], step):
+    for start in range(0, int(arr.shape[0]), step):
         yield start, np.asarray(arr[start : start + step], dtype=np.float64)
 
 

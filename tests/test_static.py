@@ -1,5 +1,5 @@
 """Static checks as tests, so CI enforces them: ruff over the repo, strict mypy over rfcore,
-and the layering rule that rfcore never imports prefect or dask (dask.array only inside functions)."""
+and the layering rule that rfcore never imports prefect or dask."""
 
 from __future__ import annotations
 
@@ -30,32 +30,17 @@ def test_rfcore_is_strict_mypy_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-#: Imports rfcore may make inside a function (never at module level): dask.array reads a zarr array
-#: out of core (`rfcore.selectivity.row_blocks`, synchronous scheduler: no cluster involved).
-_ALLOWED_IN_FUNCTIONS = {"dask.array"}
-
-
 def test_rfcore_never_imports_orchestration() -> None:
     offenders = []
     for path in sorted((ROOT / "rfcore").rglob("*.py")):
-        tree = ast.parse(path.read_text(), filename=str(path))
-        local = {
-            id(node)
-            for fn in ast.walk(tree)
-            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-            for node in ast.walk(fn)
-        }
-        for node in ast.walk(tree):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             offenders += [
-                f"{path.name}: {n}"
-                for n in names
-                if n.split(".")[0] in {"prefect", "dask", "distributed"}
-                and not (id(node) in local and n in _ALLOWED_IN_FUNCTIONS)
+                f"{path.name}: {n}" for n in names if n.split(".")[0] in {"prefect", "dask", "distributed"}
             ]
     assert offenders == []
 

@@ -1,7 +1,7 @@
 """Clustering of units and of classes per layer (`clusters/<layer>/{units,classes}/`, root scope):
 units by their class-response profiles, classes by their population response vectors; k-means and
 Ward (with its linkage matrix for the dendrogram), k by silhouette. The class means are accumulated
-from the sweep's activation array block by block (dask), so the atlas is read out of core; math in
+from the sweep's activation array block by block (zarr slices), so the atlas is read out of core; math in
 `rfcore.cluster`."""
 
 from __future__ import annotations

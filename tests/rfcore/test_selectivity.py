@@ -1,5 +1,5 @@
 """Category selectivity: a planted class-evidence unit is the most selective (right class, p < 0.01);
-definitions against brute force; out of core (dask, small chunks) == in memory; the analysis on a store."""
+definitions against brute force; out of core (zarr slices, small chunks) == in memory; the analysis on a store."""
 
 from __future__ import annotations
 
