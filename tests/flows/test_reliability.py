@@ -644,3 +644,29 @@ def test_disk_full_and_read_only_are_not_retried() -> None:
         assert not is_transient(OSError(code, os.strerror(code), "/data/atlas.zarr"))
     assert is_transient(ConnectionResetError(errno.ECONNRESET, "reset"))
     assert is_transient(OSError(errno.EIO, "I/O error"))
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["actmax", "--block-size", "0"], "block_size must be >= 1"),
+        (["noise", "--sigma", "-1"], "sigma"),
+    ],
+)
+def test_invalid_analysis_options_leave_the_store_untouched(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rfatlas actmax URL --block-size 0` used to write its config first and poison the store:
+    options are now validated before anything is written (the registry's Options.__post_init__)."""
+    from flows.cli import main
+
+    url = str(tmp_path / "a.zarr")
+    tiny_store(url)
+    before = _snapshot(tmp_path / "a.zarr")
+    assert main([argv[0], url, *argv[1:], "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+    assert _snapshot(tmp_path / "a.zarr") == before
