@@ -123,6 +123,37 @@ def _precondition_failed(exc: BaseException) -> bool:
     return False
 
 
+def _unsupported(exc: BaseException) -> bool:
+    """Whether an S3-compatible server refused a conditional request as not implemented."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error", {})
+            if (
+                str(error.get("Code", "")) in ("NotImplemented", "501")
+                or "not implemented" in str(error.get("Message", "")).lower()
+            ):
+                return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_unconditional(root: str) -> None:
+    if root not in _WARNED:
+        _WARNED.add(root)
+        log.warning(
+            "the object store of %s does not support conditional writes (If-None-Match/If-Match): "
+            "the lease is best effort there (two runs started in the same instant could both write)",
+            redact(root),
+        )
+
+
 class _Objects:
     """Raw small-object access under the store root (markers, lease); writes are atomic."""
 
@@ -240,7 +271,12 @@ class _Objects:
             except Exception as exc:
                 if _precondition_failed(exc):
                     return False
-                raise
+                if not _unsupported(exc):
+                    raise
+                _warn_unconditional(self._root)
+                if self.get(key) is not None:  # an S3 without conditional writes: best effort
+                    return False
+                self.put(key, data)
             return True
         with _MEMORY_LOCK if self._is_memory() else contextlib.nullcontext():
             if self.get(key) is not None:
@@ -264,7 +300,13 @@ class _Objects:
             except Exception as exc:
                 if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
                     return False
-                raise
+                if not _unsupported(exc):
+                    raise
+                _warn_unconditional(self._root)
+                found = self.read_versioned(key)  # an S3 without conditional writes: best effort
+                if found is None or found[1] != version:
+                    return False
+                self.put(key, data)
             return True
         with _MEMORY_LOCK if self._is_memory() else contextlib.nullcontext():
             found = self.read_versioned(key)
