@@ -141,6 +141,10 @@ def _partial_arrays(store: AtlasStore, layer: str, geo: PatchGeometry, channels:
         "sum_fixed": (n, channels),
         "zero_count": (n, channels),
         "position_count": (n,),
+        "pixel_count": (n, channels, p, p),
+        "centre_sum": (n, channels, 3, p, p),
+        "centre_count": (n, channels),
+        "centre_pixel_count": (n, channels, p, p),
     }
     return {
         key: store.require_array(spec(f"partial/{key}"), shape, (1, *shape[1:]), layer=layer)
@@ -274,6 +278,8 @@ def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
         "topk/x": (res.topk_x, (channels, k)),
         "mean_stimulus": (res.mean_stimulus, (cc, 3, p, p)),
         "positive_count": (res.positive_count, (channels,)),
+        "mean_stimulus_centre": (res.mean_stimulus_centre, (cc, 3, p, p)),
+        "positive_count_centre": (res.positive_count_centre, (channels,)),
         "max": (res.max, (channels,)),
         "mean": (res.mean, (channels,)),
         "zero_fraction": (res.zero_fraction, (channels,)),

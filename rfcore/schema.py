@@ -177,10 +177,31 @@ SWEEP_ARRAYS: list[ArraySpec] = [
         ("channel", "color", "py", "px"),
         "float32",
         _NAN,
-        "mean of the patches of positive activations (uint8 pixel units)",
+        "strongest-position mean stimulus (not eq. 4): mean patch at each image's spatial argmax, over "
+        "images whose spatial max is > 0; per-pixel counts (RF pixels outside the image not averaged "
+        "in; NaN where none); uint8 pixel units",
     ),
     ArraySpec(
-        "positive_count", ("channel",), "int64", 0, "number of images whose spatial max is > 0 (eq. 5's X+)"
+        "positive_count",
+        ("channel",),
+        "int64",
+        0,
+        "number of images whose spatial max is > 0 (the images of `mean_stimulus`)",
+    ),
+    ArraySpec(
+        "mean_stimulus_centre",
+        ("channel", "color", "py", "px"),
+        "float32",
+        _NAN,
+        "eq. 4–5 mean preferred stimulus: mean of x[r_i] over X+ for the fixed neuron i at the map "
+        "centre (H//2, W//2); per-pixel counts as `mean_stimulus`; uint8 pixel units",
+    ),
+    ArraySpec(
+        "positive_count_centre",
+        ("channel",),
+        "int64",
+        0,
+        "|X+| of eq. 5: images where the centre neuron's activation is > 0",
     ),
     ArraySpec("max", ("channel",), "float32", _NAN, "max activation over all images and positions"),
     ArraySpec("mean", ("channel",), "float32", _NAN, "mean activation over all images and positions"),
@@ -211,6 +232,30 @@ PARTIAL_ARRAYS: list[ArraySpec] = [
     ArraySpec("partial/sum_fixed", ("shard", "channel"), "int64", 0, "fixed-point exact sum of activations"),
     ArraySpec("partial/zero_count", ("shard", "channel"), "int64", 0, "activations == 0"),
     ArraySpec("partial/position_count", ("shard",), "int64", 0, "positions seen per channel in the shard"),
+    ArraySpec(
+        "partial/pixel_count",
+        ("shard", "channel", "py", "px"),
+        "int64",
+        0,
+        "image pixels summed into each cell of stimulus_sum",
+    ),
+    ArraySpec(
+        "partial/centre_sum",
+        ("shard", "channel", "color", "py", "px"),
+        "int64",
+        0,
+        "sum of the centre neuron's patches over X+ (eq. 4, exact integer)",
+    ),
+    ArraySpec(
+        "partial/centre_count", ("shard", "channel"), "int64", 0, "images where the centre neuron is > 0"
+    ),
+    ArraySpec(
+        "partial/centre_pixel_count",
+        ("shard", "channel", "py", "px"),
+        "int64",
+        0,
+        "image pixels summed into each cell of centre_sum",
+    ),
 ]
 
 # --- Analyses: append your ArraySpecs here (set `analysis=`, and `scope="root"` for root arrays) ---
