@@ -106,6 +106,7 @@ def prepare_store(
             shape=p.shape,
             rf={"size": list(p.rf.size), "stride": list(p.rf.stride), "offset": list(p.rf.offset)},
             patch={"factor": p.geometry.factor, "size": p.geometry.size, "first": list(p.geometry.first)},
+            response=p.response,
         )
         for p in plans
     }

@@ -117,13 +117,15 @@ class RunAttrs:
 class LayerAttrs:
     """Attrs of `layers/<name>`: rf = {size, stride, offset} (each (h, w) / (y, x)),
     patch = {factor, size, first} (patch side = size cells of factor² pixels; first = input pixel
-    (y, x) of unit (0, 0)'s patch corner)."""
+    (y, x) of unit (0, 0)'s patch corner); response = {module, relu, tensor}: the tensor captured
+    as the layer's activation (a conv's post-BN-ReLU response, `rfcore.layers.response_map`)."""
 
     kind: str
     channels: int
     shape: tuple[int, int]
     rf: dict[str, Any]
     patch: dict[str, Any]
+    response: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -142,6 +144,7 @@ class LayerAttrs:
             shape=(shape[0], shape[1]),
             rf=dict(d["rf"]),
             patch=dict(d["patch"]),
+            response=dict(d["response"]) if d.get("response") is not None else None,
         )
 
 

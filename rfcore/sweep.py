@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -570,11 +570,12 @@ class LayerPlan:
     kind: str
     rf: RField
     geometry: PatchGeometry
+    response: dict[str, Any] | None = None  # `rfcore.layers.Response.to_dict()`: the tensor captured
 
 
 def plan_layers(model: nn.Module, layers: str | Sequence[str], patch_max: int = 64) -> list[LayerPlan]:
     """Resolve a layer spec and compute each layer's receptive field and patch geometry."""
-    from rfcore.layers import list_layers, resolve_layers
+    from rfcore.layers import list_layers, resolve_layers, response_module
     from rfcore.models import model_meta
     from rfcore.receptive import receptive_fields
 
@@ -590,13 +591,15 @@ def plan_layers(model: nn.Module, layers: str | Sequence[str], patch_max: int = 
             infos[n].kind,
             rfs[n],
             patch_geometry(rfs[n], (size, size), patch_max),
+            response_module(model, n).to_dict(),
         )
         for n in names
     ]
 
 
 class SweepRunner:
-    """One forward pass per batch (through `rfcore.layers.capture`) feeding a reducer per layer."""
+    """One forward pass per batch (through `rfcore.layers.capture`) feeding a reducer per layer;
+    a conv layer's activation is its post-BN-ReLU response (`rfcore.layers.response_map`)."""
 
     def __init__(
         self,
@@ -627,7 +630,10 @@ class SweepRunner:
             return {n: torch.empty((0, r.channels)) for n, r in self.reducers.items()}
         images = images.to(self.device, non_blocking=True)
         indices = indices.to(self.device, non_blocking=True)
-        with torch.inference_mode(), capture(self.model, list(self.reducers), stop_early=True) as cap:
+        with (
+            torch.inference_mode(),
+            capture(self.model, list(self.reducers), stop_early=True, response=True) as cap,
+        ):
             with autocast(self.device, self.amp):
                 outputs = cap.run(self.preprocessing.normalize(images))
             pooled = BatchPools(images)
