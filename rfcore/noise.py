@@ -5,8 +5,14 @@ inactive channel per mini-batch); `control` (into as many random *active* channe
 Noise is ε = max(σ·z, 0), z ~ N(0, 1) i.i.d. per position, added by a forward hook at the layer.
 
 Reproducibility: each image's noise comes from a counter-based hash of (seed, condition, dataset
-index, element), and channel choices from (seed, condition, index // block_size), where block_size
-is the run's batch size; so results do not depend on sharding or on how batches are formed.
+index, element), and channel choices from (seed, condition, block), where a block holds block_size
+images (the run's batch size, the paper's "mini-batch"); so results do not depend on sharding or on
+how batches are formed. Blocks: with `num_images` given, `block_ids` deals the images into blocks by
+a seeded permutation, so a block mixes classes even when the dataset is sorted by class (an image
+folder); without it (legacy), block = index // block_size (consecutive images).
+
+Confidence intervals: images that share a block share its channel draw, so they are not
+independent; `summarize(blocks=...)` bootstraps over blocks (a cluster bootstrap), not images.
 """
 
 from __future__ import annotations
@@ -85,6 +91,17 @@ def image_normal(indices: Tensor, shape: tuple[int, ...], *, seed: int, stream: 
     return z.reshape(indices.shape[0], *shape)
 
 
+def block_ids(num_images: int, block_size: int, *, seed: int) -> NDArray[np.int64]:
+    """Block of every image (N,): images are dealt into blocks of `block_size` by a seeded random
+    permutation of the indices (the last block may be smaller); deterministic in (N, block_size, seed)."""
+    if block_size < 1 or num_images < 0:
+        raise RfatlasError(f"bad blocks: {num_images} images in blocks of {block_size}")
+    order = np.random.default_rng([seed & _M32, 0xB10C]).permutation(num_images)
+    blocks = np.empty(num_images, np.int64)
+    blocks[order] = np.arange(num_images, dtype=np.int64) // block_size
+    return blocks
+
+
 def block_channels(
     condition: str, inactive: NDArray[np.bool_], block: int, *, seed: int
 ) -> NDArray[np.int64]:
@@ -109,11 +126,20 @@ class NoiseInjector:
     in a thread pool do not see each other's noise."""
 
     def __init__(
-        self, condition: str, inactive: NDArray[np.bool_], *, sigma: float, seed: int, block_size: int
+        self,
+        condition: str,
+        inactive: NDArray[np.bool_],
+        *,
+        sigma: float,
+        seed: int,
+        block_size: int,
+        num_images: int | None = None,
     ) -> None:
+        """`num_images`: deal images into blocks by `block_ids` (classes mixed); None: consecutive."""
         check_conditions([condition])
         if block_size < 1:
             raise RfatlasError(f"block size must be >= 1, got {block_size}")
+        self.blocks = None if num_images is None else block_ids(num_images, block_size, seed=seed)
         self.condition = condition
         self.inactive = np.asarray(inactive, dtype=np.bool_)
         self.sigma = float(sigma)
@@ -125,7 +151,8 @@ class NoiseInjector:
 
     def set_batch(self, indices: Tensor, device: torch.device) -> None:
         """Dataset indices (host tensor) of the next forward pass, which runs on `device`."""
-        blocks = (indices.numpy() // self.block_size).astype(np.int64)
+        idx = indices.numpy().astype(np.int64)
+        blocks = idx // self.block_size if self.blocks is None else self.blocks[idx]
         uniq, inverse = np.unique(blocks, return_inverse=True)
         table = torch.from_numpy(
             np.stack([block_channels(self.condition, self.inactive, int(b), seed=self.seed) for b in uniq])[
@@ -195,14 +222,19 @@ def evaluate(
     sigma: float = 1.0,
     seed: int = 0,
     device: torch.device | None = None,
-    amp: bool = True,
+    amp: bool = False,
+    num_images: int | None = None,
 ) -> PerImage:
-    """Validation pass under `condition`; per-image loss and accuracy (AMP only on CUDA)."""
+    """Validation pass under `condition`; per-image loss and accuracy. fp32 by default (the paper's
+    effects are ~1e-6 for PlainNet: below bf16 resolution); `amp=True`: bf16 on CUDA only.
+    `num_images`: blocks by `block_ids` (see `NoiseInjector`)."""
     device = device or next(model.parameters()).device
     check_conditions([condition])
     injector = None
     if condition != "baseline":
-        injector = NoiseInjector(condition, inactive, sigma=sigma, seed=seed, block_size=block_size)
+        injector = NoiseInjector(
+            condition, inactive, sigma=sigma, seed=seed, block_size=block_size, num_images=num_images
+        )
     use_amp = amp and device.type == "cuda"
     idx: list[Tensor] = []
     losses: list[Tensor] = []
@@ -241,19 +273,40 @@ def _mean(x: NDArray[Any]) -> float:
 
 
 def bootstrap_ci(
-    values: NDArray[Any], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    values: NDArray[Any],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    blocks: NDArray[Any] | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of `values` over images (seeded)."""
+    """Percentile bootstrap CI of the mean of `values` (seeded). With `blocks` (a block id per value)
+    whole blocks are resampled with replacement (cluster bootstrap: values of a block share a noise
+    draw, so they are dependent) and each replicate is the pooled mean of its blocks' values; without,
+    values are resampled one by one (independent images)."""
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
+    alpha = (1.0 - level) / 2.0
+    if blocks is not None:
+        _, inverse = np.unique(np.asarray(blocks), return_inverse=True)
+        sums = np.bincount(inverse, weights=v)
+        counts = np.bincount(inverse).astype(np.float64)
+        nb = len(sums)
+        means = np.empty(n_boot)
+        step = max(1, 4_000_000 // nb)
+        for start in range(0, n_boot, step):
+            stop = min(n_boot, start + step)
+            pick = rng.integers(0, nb, size=(stop - start, nb))
+            means[start:stop] = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+        lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+        return (float(lo), float(hi))
     means = np.empty(n_boot)
     step = max(1, 4_000_000 // len(v))
     for start in range(0, n_boot, step):
         stop = min(n_boot, start + step)
         means[start:stop] = v[rng.integers(0, len(v), size=(stop - start, len(v)))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return (float(lo), float(hi))
 
@@ -266,10 +319,12 @@ def summarize(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    blocks: NDArray[np.int64] | None = None,
 ) -> dict[str, Any]:
     """Mean loss and accuracies per condition; ΔL vs baseline with a paired bootstrap CI.
 
-    Arrays are aligned per image (NaN loss = image not evaluated); pairs use images valid in both."""
+    Arrays are aligned per image (NaN loss = image not evaluated); pairs use images valid in both.
+    `blocks` (block id per image, `block_ids`): the CI resamples blocks (see `bootstrap_ci`)."""
     out: dict[str, Any] = {}
     base = loss.get("baseline")
     for cond in check_conditions(loss):
@@ -284,7 +339,11 @@ def summarize(
             both = valid & np.isfinite(base)
             diff = loss[cond][both].astype(np.float64) - base[both].astype(np.float64)
             entry["delta_loss"] = _mean(diff)
-            entry["delta_loss_ci"] = list(bootstrap_ci(diff, n_boot=n_boot, seed=seed, level=level))
+            bl = None if blocks is None else np.asarray(blocks)[both]
+            entry["delta_loss_ci"] = list(
+                bootstrap_ci(diff, n_boot=n_boot, seed=seed, level=level, blocks=bl)
+            )
+            entry["ci_resamples"] = "images" if blocks is None else "blocks"
         out[cond] = entry
     return out
 
@@ -343,6 +402,7 @@ def prepare_noise(
         "seed": int(seed),
         "threshold": float(threshold),
         "block_size": int(store.run["config"]["batch_size"]),
+        "blocks": "permutation",  # block_ids: blocks mix classes; CIs resample blocks
     }
     try:
         inactive, attrs = read_inactive(store, layer)
@@ -382,10 +442,11 @@ def noise_shard(
     model: nn.Module,
     dataset: ImageDataset,
     device: torch.device,
-    amp: bool = True,
+    amp: bool = False,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate one shard under one condition (config from `prepare_noise`); write, then mark done."""
+    """Evaluate one shard under one condition (config from `prepare_noise`); write, then mark done.
+    fp32 unless `amp` (bf16 on CUDA)."""
     config = _attrs(_layer_group(store, layer))["config"]
     inactive, _ = read_inactive(store, layer)
     cfg = store.run["config"]
@@ -408,6 +469,7 @@ def noise_shard(
         seed=int(config["seed"]),
         device=device,
         amp=amp,
+        num_images=int(store.run["num_images"]) if config.get("blocks") == "permutation" else None,
     )
     local = res.indices - indices.start
     values: dict[str, NDArray[Any]] = {
@@ -460,11 +522,19 @@ def summarize_store(store: AtlasStore, layer: str, *, n_boot: int = 1000, seed: 
         **config,
         "n_boot": n_boot,
         "ci_level": 0.95,
-        "conditions": summarize(loss, c1, c5, n_boot=n_boot, seed=seed),
+        "conditions": summarize(loss, c1, c5, n_boot=n_boot, seed=seed, blocks=_blocks(store, config)),
     }
     clean: dict[str, Any] = _jsonable(summary)
     group.attrs["summary"] = clean
     return clean
+
+
+def _blocks(store: AtlasStore, config: dict[str, Any]) -> NDArray[np.int64]:
+    """Block of every image of a noise run (as its `NoiseInjector` drew them)."""
+    n, size = int(store.run["num_images"]), int(config["block_size"])
+    if config.get("blocks") == "permutation":
+        return block_ids(n, size, seed=int(config["seed"]))
+    return np.arange(n, dtype=np.int64) // size
 
 
 def _jsonable(x: Any) -> Any:
