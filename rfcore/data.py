@@ -103,6 +103,11 @@ class ImageDataset(abc.ABC):
     def get(self, index: int) -> tuple[np.ndarray, int]:
         """uint8 ``(3, S, S)`` image and label (-1 if unlabelled); BadImageError if unreadable."""
 
+    def get_original(self, index: int) -> tuple[np.ndarray, int]:
+        """uint8 ``(3, H, W)`` image before resizing and centre-cropping (what training crops from,
+        paper §3.1), and its label; datasets that keep no original return :meth:`get`."""
+        return self.get(index)
+
     def describe(self, index: int) -> str:
         """Where image ``index`` comes from: a file path or ``spec[index]``."""
         return f"{self.spec}[{index}]"
@@ -267,6 +272,10 @@ class FileDataset(ImageDataset):
     def get(self, index: int) -> tuple[np.ndarray, int]:
         image, label = self.decode(index)
         return _preprocess(image, self.size, self.resize), label
+
+    def get_original(self, index: int) -> tuple[np.ndarray, int]:
+        image, label = self.decode(index)
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)), label
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
