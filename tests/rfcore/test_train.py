@@ -40,7 +40,6 @@ def test_bad_inputs_fail_before_training() -> None:
 
 
 def test_dataset_class_mismatches_fail_before_training(tmp_path: Path) -> None:
-    import numpy as np
     from PIL import Image
 
     for cls in ("cats", "dogs"):
