@@ -110,9 +110,15 @@ def prepare_store(
         )
         for p in plans
     }
-    return AtlasStore.create(
+    store = AtlasStore.create(
         url, run=run, layers=layer_attrs, num_images=len(dataset), shard_size=shard_size, k=k
     )
+    for p in plans:  # the filters of swept convs (rfcore.panels: Fig. 3b, 5a, 7a)
+        module = model.get_submodule(p.name)
+        if isinstance(module, nn.Conv2d):
+            w = module.weight.detach().float().cpu().numpy()
+            store.require_array(spec("layers/{layer}/weight"), w.shape, w.shape, layer=p.name)[...] = w
+    return store
 
 
 def layer_geometry(store: AtlasStore, layer: str) -> tuple[PatchGeometry, int, tuple[int, int]]:

@@ -371,6 +371,20 @@ ANALYSIS_ARRAYS += [
     ),
 ]
 
+# filters of the swept conv layers (written when the atlas is prepared): the first-layer filters of
+# Fig. 5a / 7a and the W¹ of Fig. 3b, drawn by `rfcore.panels`
+ANALYSIS_ARRAYS += [
+    ArraySpec(
+        "layers/{layer}/weight",
+        ("channel", "in_channel", "ky", "kx"),
+        "float32",
+        _NAN,
+        "conv layers only: the layer's filters (float32, as trained)",
+        scope="root",
+        analysis="sweep",
+    ),
+]
+
 ARRAYS: dict[str, ArraySpec] = {s.path: s for s in [*SWEEP_ARRAYS, *PARTIAL_ARRAYS, *ANALYSIS_ARRAYS]}
 if len(ARRAYS) != len(SWEEP_ARRAYS) + len(PARTIAL_ARRAYS) + len(ANALYSIS_ARRAYS):
     raise RuntimeError("duplicate ArraySpec path in rfcore.schema")
