@@ -21,6 +21,7 @@ from torch import nn
 from rfcore.data import BadImageError, ImageDataset, SkippedImage, iter_batches, open_dataset, shard_ranges
 from rfcore.errors import StoreError
 from rfcore.models import get_model, model_meta
+from rfcore.precision import amp_mode
 from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
 from rfcore.store import AtlasStore, redact, refuse_credentials
@@ -65,9 +66,12 @@ def prepare_store(
     shard_size: int = DEFAULT_SHARD_SIZE,
     batch_size: int = 64,
     seed: int = 0,
+    precision: bool | str | None = "auto",
 ) -> AtlasStore:
     """Create (or reopen, if the run identity matches) the atlas of a sweep; its `url` is the one
-    `store_url_for` makes. `shard_size` is rounded up to a multiple of `batch_size`."""
+    `store_url_for` makes. `shard_size` is rounded up to a multiple of `batch_size`. `precision`
+    (`rfcore.precision` mode, part of the run identity): 'auto' runs the sweep in bf16 on CUDA,
+    fp32 on CPUs; 'off' is fp32 everywhere."""
     if k < 1 or patch_max < 1 or shard_size < 1 or batch_size < 1:
         raise StoreError(
             f"bad sweep options k={k} patch_max={patch_max} shard_size={shard_size} batch_size={batch_size}"
@@ -97,6 +101,7 @@ def prepare_store(
             "batch_size": batch_size,
             "layers": [p.name for p in plans],
             "seed": seed,
+            "precision": amp_mode(precision),
         },
     )
     layer_attrs = {
@@ -186,18 +191,26 @@ def sweep_shard(
     model: nn.Module,
     dataset: ImageDataset,
     device: str | torch.device = "auto",
-    amp: bool | None = None,
+    amp: bool | str | None = None,
     num_workers: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Sweep one shard: activation rows and `partial/*` rows of every layer, then its marker.
 
+    `amp`: None runs at the atlas's recorded precision (run identity); another mode is an error.
     Returns {shard, images, skipped: [{index, path, reason}], seconds, cached}; the caller records
     `skipped` in the root attrs (`AtlasStore.add_skipped`, one writer). `on_batch(n)` reports progress.
     """
     t0 = time.perf_counter()
     store = AtlasStore.open(store_url, "r+")
     cfg = store.run["config"]
+    recorded = cfg.get("precision", "auto")
+    if amp is not None and amp_mode(amp) != recorded:
+        raise StoreError(
+            f"the atlas records precision {recorded!r}, not {amp_mode(amp)!r}; "
+            "the precision is part of the run identity"
+        )
+    amp = recorded
     layers: list[str] = list(cfg["layers"])
     shards = shard_ranges(int(store.run["num_images"]), int(cfg["shard_size"]))
     if not 0 <= shard_id < len(shards):
@@ -334,7 +347,7 @@ def run_sweep(
     batch_size: int = 64,
     seed: int = 0,
     device: str = "auto",
-    amp: bool | None = None,
+    amp: bool | str | None = None,
     num_workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -354,6 +367,7 @@ def run_sweep(
         shard_size=shard_size,
         batch_size=batch_size,
         seed=seed,
+        precision="auto" if amp is None else amp,
     )
     url = store.url
     model = get_model(model_name, weights=weights, seed=seed)

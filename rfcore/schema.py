@@ -30,6 +30,7 @@ IDENTITY_KEYS = (
     "batch_size",
     "layers",
     "seed",  # builds the weights of a model without `weights` (None in the identity otherwise)
+    "precision",  # rfcore.precision mode of the sweep's forward passes ('auto': bf16 on CUDA, fp32 on CPU)
 )
 _RUN_KEYS = ("model", "weights", "weights_digest", "dataset", "num_images", "image_size")
 
@@ -73,7 +74,7 @@ class ArraySpec:
 @dataclass(frozen=True)
 class RunAttrs:
     """Root `run` attrs: what was analyzed and how. `config` holds k, patch_max, shard_size,
-    batch_size, layers (list of names) and seed."""
+    batch_size, layers (list of names), seed and precision (`rfcore.precision` mode)."""
 
     model: str
     weights: str | None

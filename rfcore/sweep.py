@@ -74,7 +74,7 @@ class SweepConfig:
     patch_max: int = 64
     batch_size: int = 64
     device: str = "auto"
-    amp: bool | None = None
+    amp: bool | str | None = None
     num_workers: int = 0
 
 
@@ -609,7 +609,7 @@ class SweepRunner:
         *,
         k: int = 16,
         device: str | torch.device = "auto",
-        amp: bool | None = None,
+        amp: bool | str | None = None,
     ) -> None:
         from rfcore.models import model_meta, select_device
 

@@ -8,9 +8,10 @@ Each image (seeded by split and index only) is built from:
   frequency and colour axis, under a Gaussian envelope at a random position, random phase, contrast,
   ±7.5° orientation and ±10 % frequency jitter, sinusoid or square-wave edges;
 * with probability `DISTRACTOR_P`, a *distractor*: the grating of another class (so it shares the
-  orientation, the frequency or the colour axis of the target with many classes), weaker than the
-  target (`DISTRACTOR_GAIN` of its contrast) but sometimes nearly as strong;
-* 1–4 occluding shapes (ellipses, rectangles) of flat random colours, which can hide part of the
+  orientation, the frequency or the colour axis of the target with many classes) of the same size,
+  `DISTRACTOR_GAIN` times the target's contrast: usually weaker, sometimes stronger (those images
+  are ambiguous: a ceiling below 100 % for any model);
+* 2–5 occluding shapes (ellipses, rectangles) of flat random colours, which can hide part of the
   target;
 * pixel noise.
 
@@ -61,9 +62,9 @@ SYNTHETIC_CLASSES: tuple[SyntheticClass, ...] = tuple(
     )
 )
 SPLIT_SEEDS = {"synthetic": 0x5EED_0A1, "synthetic-train": 0x5EED_7A1}
-DISTRACTOR_P = 0.7  # probability of a distractor grating
-DISTRACTOR_GAIN = (0.3, 0.85)  # its contrast relative to the target's
-OCCLUDERS = (1, 4)  # number of occluding shapes, inclusive
+DISTRACTOR_P = 0.8  # probability of a distractor grating
+DISTRACTOR_GAIN = (0.55, 1.15)  # its contrast relative to the target's (> 1: ambiguous images)
+OCCLUDERS = (2, 5)  # number of occluding shapes, inclusive
 
 
 def grating(
@@ -112,7 +113,7 @@ def _occluders(rng: np.random.Generator, coords: tuple[np.ndarray, np.ndarray], 
     x, y = coords
     for _ in range(int(rng.integers(OCCLUDERS[0], OCCLUDERS[1] + 1))):
         cy, cx = rng.uniform(0.0, 1.0, size=2)
-        ry, rx = rng.uniform(0.06, 0.2, size=2)
+        ry, rx = rng.uniform(0.06, 0.22, size=2)
         if rng.random() < 0.5:
             mask = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
         else:
@@ -131,7 +132,7 @@ def synthetic_image(split: str, index: int, size: int, resize: int | None = None
     u = (np.arange(resize) + 0.5) / resize
     coords = (u[None, :], u[:, None])
     image = rng.uniform(0.4, 0.6) + rng.uniform(0.03, 0.09) * pink_noise(rng, resize)
-    amplitude = rng.uniform(0.45, 0.9) * 0.8
+    amplitude = rng.uniform(0.3, 0.8) * 0.8
     image += grating(
         coords,
         orientation=cls.orientation + rng.uniform(-7.5, 7.5),
@@ -154,8 +155,8 @@ def synthetic_image(split: str, index: int, size: int, resize: int | None = None
             colour=other.colour,
             phase=rng.uniform(0, 2 * np.pi),
             square=bool(rng.random() < 0.5),
-            centre=(rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85)),
-            sigma=rng.uniform(0.12, 0.22),
+            centre=(rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)),
+            sigma=rng.uniform(0.17, 0.3),
             amplitude=amplitude * rng.uniform(*DISTRACTOR_GAIN),
         )
     _occluders(rng, coords, image)
