@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: post-ReLU conv responses, per-pixel-count mean stimuli, eq. 4–5 arrays
 
 #: Run identity: these keys must match when a store is reopened (resume).
 IDENTITY_KEYS = (
