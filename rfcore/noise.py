@@ -45,6 +45,26 @@ CONDITIONS: tuple[str, ...] = ("baseline", "all", "random-one", "control")
 _M32 = 0xFFFFFFFF
 
 
+#: Near-inactive channels (a row of its own beside the paper's Table 1 when no channel is exactly
+#: inactive): the lowest NEAR_INACTIVE_FRACTION of a layer's per-channel maxima (at least one channel).
+NEAR_INACTIVE_FRACTION = 0.05
+
+
+def near_inactive(maxima: NDArray[Any], fraction: float = NEAR_INACTIVE_FRACTION) -> NDArray[np.bool_]:
+    """Mask of the `max(1, ceil(fraction * C))` channels with the lowest maxima over all positions and
+    images (ties: lower channel index first). Not the paper's definition (max <= 0), which it
+    contains whenever that set is no larger; used so that Table 1 is never empty."""
+    m = np.asarray(maxima, dtype=np.float64)
+    if m.ndim != 1 or len(m) == 0 or not np.isfinite(m).all():
+        raise RfatlasError(f"channel maxima must be a finite, non-empty 1-D array, got shape {m.shape}")
+    if not 0 < fraction <= 1:
+        raise RfatlasError(f"near-inactive fraction must be in (0, 1], got {fraction}")
+    n = max(1, math.ceil(fraction * len(m)))
+    mask = np.zeros(len(m), dtype=np.bool_)
+    mask[np.argsort(m, kind="stable")[:n]] = True
+    return mask
+
+
 def check_conditions(conditions: Iterable[str]) -> tuple[str, ...]:
     """The conditions in canonical order; RfatlasError for an unknown one."""
     wanted = tuple(conditions)

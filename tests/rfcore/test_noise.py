@@ -333,3 +333,20 @@ def test_block_bootstrap_covers_the_true_mean_at_the_nominal_rate() -> None:
         hit_image += lo <= truth <= hi
     assert 0.89 <= hit_block / reps <= 0.98, hit_block / reps
     assert hit_image / reps < 0.6, hit_image / reps
+
+
+def test_near_inactive_is_the_lowest_fraction_of_maxima() -> None:
+    from rfcore.noise import near_inactive
+
+    rng = np.random.default_rng(0)
+    maxima = rng.uniform(0.1, 5.0, 64)
+    maxima[[3, 9]] = 0.0  # two exactly inactive channels
+    mask = near_inactive(maxima, 0.05)  # ceil(0.05 * 64) = 4 channels
+    lowest = sorted(range(64), key=lambda c: (maxima[c], c))[:4]
+    assert np.flatnonzero(mask).tolist() == sorted(lowest)
+    assert mask[[3, 9]].all()  # contains the paper's inactive channels
+    assert near_inactive(np.array([2.0, 1.0, 1.0]), 0.01).tolist() == [
+        False,
+        True,
+        False,
+    ]  # >= 1, tie -> low index
