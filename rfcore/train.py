@@ -64,8 +64,8 @@ class TrainConfig:
     def quick(cls) -> TrainConfig:
         """A CPU-minute recipe for the tiny models on the synthetic data (tests, demo).
 
-        Measured on 384 ``synthetic-train`` images (48 steps): 81 % val accuracy for plainnet10t (chance
-        10 %). Small batches with a larger lr and a short step schedule; a milder crop (the classes differ
+        Measured on the (hard, `rfcore.synthetic`) ``synthetic-train`` images, val on ``synthetic:512``:
+        2000 images (248 steps): 85 % resnet10t, 82 % plainnet10t; 384 images: ~60 % / ~30 % (chance 10 %). Small batches with a larger lr and a short step schedule; a milder crop (the classes differ
         in spatial frequency, which strong zoom changes) and no flip (a mirrored 45° grating is a 135° one).
         """
         return cls(

@@ -65,8 +65,10 @@ def test_quick_training_learns_and_checkpoint_reloads(name: str, tmp_path: Path)
         device="cpu", seed=0, progress=False,
     )  # fmt: skip
     assert result.checkpoint_url == url and result.epochs == TrainConfig.quick().epochs
-    assert result.val_accuracy is not None and result.val_accuracy >= 0.6, result  # chance is 0.1
-    assert 0 < result.train_loss < 1.5 and result.seconds > 0
+    # chance is 0.1 (and ln 10 = 2.30 the chance loss); the synthetic data is hard since issue 14
+    # (distractors, occluders): 384 images and 4 epochs give ~0.3 (plainnet10t) to ~0.6 (resnet10t)
+    assert result.val_accuracy is not None and result.val_accuracy >= 0.2, result
+    assert 0 < result.train_loss < 2.0 and result.seconds > 0
 
     model = get_model(name, weights=url)
     assert model_meta(model).weights == url
