@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from flows.atlas import atlas, parse_analyses
-from flows.noise import TABLE_TITLE, compare
+from flows.compare import TABLE_TITLE, compare
 from flows.progress import ProgressEvent, emit
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
 from rfcore.report import write_report
@@ -113,7 +113,7 @@ def demo(
             "atlas_seconds": summary["wall_s"],
             "images_per_s": summary["images_per_s"],
             "notable": notable_units(store_url, val_data),
-            "inactive": inactive_counts(store_url) if "inactive" in names else None,
+            "findings": analysis_findings(store_url, names[1:]),
             "cross_block": cross_block(store_url),
         }
         log.info("demo: %s done (%s)", m, store_url)
@@ -170,13 +170,13 @@ def cross_block(store_url: str) -> dict[str, float]:
     return cross_block_similarity(open_atlas(store_url))
 
 
-def inactive_counts(store_url: str) -> dict[str, int]:
-    """{layer: number of inactive channels} for the layers the inactive analysis wrote."""
+def analysis_findings(store_url: str, names: list[str]) -> list[str]:
+    """Each analysis's one-line findings (with their numbers) on the atlas, in run order."""
+    from rfcore.analysis import get_analysis
     from rfcore.store import open_atlas
 
-    a = open_atlas(store_url)
-    layers = [a.layer(name) for name in a.layers]
-    return {la.name: int(la.array("inactive").sum()) for la in layers if "inactive" in la.group}
+    atlas = open_atlas(store_url)
+    return [line for name in names for line in get_analysis(name).findings(atlas)]
 
 
 def format_findings(results: dict[str, Any]) -> str:
@@ -199,9 +199,7 @@ def format_findings(results: dict[str, Any]) -> str:
         if r.get("cross_block"):
             parts = [f"{k} {v:+.2f}" for k, v in r["cross_block"].items()]
             lines.append(f"  same channel across blocks (§3.3, activation correlation): {', '.join(parts)}")
-        if r.get("inactive") is not None:
-            parts = [f"{k} {v}" for k, v in r["inactive"].items()]
-            lines.append(f"  inactive channels: {', '.join(parts) if parts else 'none recorded'}")
+        lines += [f"  {line}" for line in r.get("findings", [])]
         lines.append(f"  store:  {r['store']}")
         lines.append(f"  report: {r['report']}")
     if results.get("noise_table"):
