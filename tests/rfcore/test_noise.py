@@ -316,7 +316,7 @@ def test_injector_draws_one_channel_set_per_permuted_block() -> None:
     inj = NoiseInjector("random-one", dead_mask(), sigma=1.0, seed=3, block_size=4, num_images=12)
     blocks = block_ids(12, 4, seed=3)
     inj.set_batch(torch.arange(12), torch.device("cpu"))
-    out = inj(nn.Identity(), (), torch.zeros(12, len(dead_mask()), 3, 3))
+    out = inj(torch.zeros(12, CHANNELS, 3, 3))
     touched = out.flatten(2).amax(dim=2) > 0
     for b in range(3):
         rows = touched[torch.from_numpy(blocks == b)]
