@@ -381,6 +381,21 @@ def jsonable(x: Any) -> Any:
     return x
 
 
+def _table_row(model: str, layer: str, count: int, c: dict[str, Any], what: str = "inactive") -> str:
+    base, cells = c.get("baseline"), []
+    for cond in ("all", "random-one", "control"):
+        e = c.get(cond)
+        if count == 0:  # nothing to inject into: ΔL is 0 by construction
+            cells.append(f"– (no {what} channel)")
+        else:
+            cells.append(_fmt(e.get("delta_loss"), e.get("delta_loss_ci")) if e else "–")
+    return (
+        f"| {model} | {layer} | {count} | {' | '.join(cells)} "
+        f"| {_pct(base, 'top1')} / {_pct(c.get('all'), 'top1')} "
+        f"| {_pct(base, 'top5')} / {_pct(c.get('all'), 'top5')} |"
+    )
+
+
 def _fmt(value: float | None, ci: list[float] | None = None) -> str:
     if value is None or not math.isfinite(value):
         return "–"
@@ -393,7 +408,12 @@ def _pct(entry: dict[str, Any] | None, key: str) -> str:
 
 
 def compare_table(urls: Sequence[str]) -> str:
-    """Markdown Table 1 (Kobayashi & Shouno 2020) for the noise results of each atlas."""
+    """Markdown Table 1 (Kobayashi & Shouno 2020) for the noise results of each atlas.
+
+    One row per layer with the paper's definition (max <= threshold). When a run also tested the
+    near-inactive channels (summary `near`: the lowest `fraction` of the layer's per-channel maxima,
+    run when no channel is inactive), they get a row of their own, labelled "<layer>: near-inactive,
+    lowest 5% of maxima (max <= ...)", so the table always has numbers and never mixes definitions."""
     rows = [
         "| model | layer | # inactive | ΔL (all) [95% CI] | ΔL_rnd (random-one) [95% CI] | control ΔL [95% CI] "
         "| top-1 base / all | top-5 base / all |",
@@ -407,18 +427,15 @@ def compare_table(urls: Sequence[str]) -> str:
         if not summaries:
             raise StoreError(f"{redact(url)} has no noise results; run the noise analysis first")
         for s in summaries:
-            c = s["conditions"]
-            base, cells = c.get("baseline"), []
-            for cond in ("all", "random-one", "control"):
-                e = c.get(cond)
-                if s["num_inactive"] == 0:  # nothing to inject into: ΔL is 0 by construction
-                    cells.append("– (no inactive channel)")
-                else:
-                    cells.append(_fmt(e.get("delta_loss"), e.get("delta_loss_ci")) if e else "–")
             model = s["model"] + (f" ({Path(str(s['weights'])).name})" if s.get("weights") else "")
-            rows.append(
-                f"| {model} | {s['layer']} | {s['num_inactive']} | {' | '.join(cells)} "
-                f"| {_pct(base, 'top1')} / {_pct(c.get('all'), 'top1')} "
-                f"| {_pct(base, 'top5')} / {_pct(c.get('all'), 'top5')} |"
-            )
+            rows.append(_table_row(model, s["layer"], int(s["num_inactive"]), s["conditions"]))
+            near = s.get("near")
+            if near:
+                pct = f"{100 * float(near['fraction']):g}%"
+                label = (
+                    f"{s['layer']}: near-inactive, lowest {pct} of maxima (max ≤ {float(near['max']):.3g})"
+                )
+                rows.append(
+                    _table_row(model, label, len(near["channels"]), near["conditions"], "near-inactive")
+                )
     return "\n".join(rows) + "\n"
