@@ -128,6 +128,8 @@ def test_store_matches_in_memory_reducers(one_shard: str) -> None:
             ("topk/x", res.topk_x),
             ("mean_stimulus", res.mean_stimulus),
             ("positive_count", res.positive_count),
+            ("mean_stimulus_centre", res.mean_stimulus_centre),
+            ("positive_count_centre", res.positive_count_centre),
             ("max", res.max),
             ("mean", res.mean),
             ("zero_fraction", res.zero_fraction),
