@@ -478,8 +478,8 @@ def prepare_actmax(
 def settings(store: AtlasStore, layer: str, objective: str) -> dict[str, Any]:
     """The settings `prepare_actmax` recorded for (layer, objective) (also in stores written before
     the analysis registry, which kept them at the top level of the group's attrs)."""
-    attrs = dict(_group(store, layer, objective).attrs)
-    out: dict[str, Any] = attrs if "block_size" in attrs else attrs["config"]
+    attrs: dict[str, Any] = dict(_group(store, layer, objective).attrs)
+    out: dict[str, Any] = attrs if "block_size" in attrs else dict(attrs["config"])
     return out
 
 

@@ -264,13 +264,12 @@ class Noise(Analysis):
         noise = atlas.store.root.get("noise")
         if not isinstance(noise, zarr.Group):
             return []
-        return [
-            s
-            for s in (
-                dict(layer_group(atlas.store, la).attrs).get("summary") for la in sorted(noise.group_keys())
-            )
-            if s
-        ]
+        out: list[dict[str, Any]] = []
+        for la in sorted(noise.group_keys()):
+            summary = dict(layer_group(atlas.store, la).attrs).get("summary")
+            if isinstance(summary, dict):
+                out.append(summary)
+        return out
 
     def verify(self, store: AtlasStore) -> list[str]:
         problems = []

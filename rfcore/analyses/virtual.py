@@ -59,6 +59,10 @@ class Virtual(Analysis):
         write_virtual(store, vf)
         return {"layer": unit.layer, "source": vf.source, "shape": list(vf.weight.shape)}
 
+    def _array(self, atlas: Atlas, layer: str, name: str) -> zarr.Array[Any] | None:
+        node = atlas.store.root.get(f"layers/{layer}/{name}")
+        return node if isinstance(node, zarr.Array) else None
+
     def _layers(self, atlas: Atlas) -> list[str]:
         keys = atlas.store.done_keys("virtual")
         return sorted(k.removeprefix("virtual/") for k in keys)
@@ -67,7 +71,9 @@ class Virtual(Analysis):
         """Fig. 3 of the paper: per layer, the virtual filters of its first channels."""
         parts = []
         for layer in self._layers(atlas):
-            node = atlas.store.root[f"layers/{layer}/virtual_filter"]
+            node = self._array(atlas, layer, "virtual_filter")
+            if node is None:
+                continue
             images = "".join(
                 f'<img src="{src}" alt="{layer} channel {c}" title="channel {c}">'
                 for c in range(min(16, int(node.shape[0])))
@@ -78,17 +84,21 @@ class Virtual(Analysis):
 
     def _filter_image(self, atlas: Atlas, layer: str, channel: int, assets: Assets) -> str | None:
         """An RGB virtual filter as an image, scaled symmetrically around grey (None if not RGB)."""
-        w = np.asarray(atlas.store.root[f"layers/{layer}/virtual_filter"][channel], dtype=np.float64)
-        if w.shape[0] != 3:
+        node = self._array(atlas, layer, "virtual_filter")
+        w = np.asarray(node[channel], dtype=np.float64) if node is not None else np.zeros(0)
+        if w.ndim != 3 or w.shape[0] != 3:
             return None
         scale = max(float(np.abs(w).max()), 1e-12)
         return assets.image(f"{layer}/c{channel:04d}-virtual", 127.5 + 127.5 * w / scale)
 
     def report_channel(self, atlas: Atlas, layer: str, channel: int, assets: Assets) -> Section | None:
-        node = atlas.store.root.get(f"layers/{layer}/virtual_filter")
-        if not isinstance(node, zarr.Array):
+        node, weights = (
+            self._array(atlas, layer, "virtual_filter"),
+            self._array(atlas, layer, "virtual_coupling"),
+        )
+        if node is None or weights is None:
             return None
-        coupling = np.asarray(atlas.store.root[f"layers/{layer}/virtual_coupling"][channel])
+        coupling = np.asarray(weights[channel])
         source = str(node.attrs.get("source"))
         src = self._filter_image(atlas, layer, channel, assets)
         html = f'<img src="{src}" alt="virtual filter">' if src else ""

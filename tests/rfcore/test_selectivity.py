@@ -22,6 +22,7 @@ from rfcore.selectivity import (
     selectivity_index,
 )
 from rfcore.store import open_atlas
+from rfcore.synthetic import SYNTHETIC_CLASSES, grating
 
 
 def load_helpers() -> Any:
@@ -67,17 +68,25 @@ def test_planted_class_evidence_unit_is_most_selective() -> None:
 
 
 def test_a_unit_wired_to_one_synthetic_class_is_the_most_selective(tmp_path: Path) -> None:
-    """resnet10t whose conv1 channel 0 is a low-pass blue-yellow opponent filter, thresholded by its
-    BatchNorm: after the max-pool it responds to the evidence of the one low-frequency blue-yellow
-    class of the synthetic data (class 9) and to nothing else; the sweep, then the analysis."""
+    """resnet10t whose conv1 channel 0 is the grating of one synthetic class (its orientation, spatial
+    frequency and colour axis, drawn by the dataset's own renderer under a small Gaussian window),
+    thresholded by its BatchNorm: after the max-pool it carries that class's evidence; the sweep,
+    then the analysis find it the most selective unit, preferring that class."""
+    pre = default_preprocessing("resnet10t")
+    target = max(
+        (i for i, c in enumerate(SYNTHETIC_CLASSES) if c.colour == "blue-yellow"),
+        key=lambda i: (SYNTHETIC_CLASSES[i].cycles, SYNTHETIC_CLASSES[i].orientation),
+    )  # a fine grating: one that a 7x7 filter resolves
+    cls = SYNTHETIC_CLASSES[target]
+    u = (np.arange(7) - 3) / pre.resize
+    w = grating((u[None, :], u[:, None]), orientation=cls.orientation, cycles=cls.cycles, colour=cls.colour,
+                centre=(0.0, 0.0), sigma=2.5 / pre.resize)  # fmt: skip
+    w = 8.0 * (w - w.mean()) / np.abs(w - w.mean()).sum()
     model = get_model("resnet10t", seed=0)
-    yy, xx = np.mgrid[-3:4, -3:4]
-    blur = np.exp(-(yy**2 + xx**2) / 8.0)
     with torch.no_grad():
-        opponent = np.array([0.35, 0.35, -0.5])[:, None, None] * blur / blur.sum()
-        model.conv1.weight[0] = torch.tensor(opponent, dtype=torch.float32)
+        model.conv1.weight[0] = torch.tensor(w, dtype=torch.float32)
         bn = model.bn1
-        bn.weight[0], bn.bias[0], bn.running_mean[0], bn.running_var[0] = 1.0, -0.9, 0.0, 1.0
+        bn.weight[0], bn.bias[0], bn.running_mean[0], bn.running_var[0] = 1.0, -0.5, 0.0, 1.0
     url, data = str(tmp_path / "w"), "synthetic:200"
     store = prepare_store(
         url,
@@ -89,7 +98,6 @@ def test_a_unit_wired_to_one_synthetic_class_is_the_most_selective(tmp_path: Pat
         shard_size=100,
         batch_size=100,
     )
-    pre = default_preprocessing("resnet10t")
     ds = open_dataset(data, size=pre.size, resize=pre.resize)
     for shard in range(store.num_shards):
         sweep_shard(url, shard, model=model, dataset=ds, device="cpu")
@@ -99,7 +107,7 @@ def test_a_unit_wired_to_one_synthetic_class_is_the_most_selective(tmp_path: Pat
     sel.run(store, unit, None)  # type: ignore[arg-type]  # reads no model
     cols = sel.channel_columns(open_atlas(url), "maxpool")
     assert int(np.nanargmax(cols["selectivity"])) == 0
-    assert cols["preferred_class"][0] == 9 and cols["selectivity_p"][0] < 0.01
+    assert cols["preferred_class"][0] == target and cols["selectivity_p"][0] < 0.01
 
 
 def test_definitions_match_brute_force() -> None:
