@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+import uuid
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from rfcore.analysis import AnalysisError, get_analysis
+from rfcore.errors import ConfigMismatchError
+from rfcore.layers import list_layers
 from rfcore.models import get_model, model_meta
+from rfcore.receptive import receptive_fields
+from rfcore.schema import LayerAttrs, RunAttrs
 from rfcore.stimuli import (
     COLOUR_AXES,
     GratingSet,
@@ -18,6 +25,7 @@ from rfcore.stimuli import (
     phases,
     render_gratings,
 )
+from rfcore.store import Atlas, AtlasStore
 from rfcore.tuning import (
     circular_variance,
     measure_responses,
@@ -206,3 +214,125 @@ def test_planted_gabor_has_planted_preferences_and_colour_class() -> None:
     assert res.is_colour_opponent[1] and res.is_double_opponent[1]
     # a linear-then-rectified filter with a Gabor is phase-sensitive (simple cell): F1/F0 > 1
     assert res.modulation_ratio[0] > 1.0
+
+
+# --- the registered analysis on a small atlas ------------------------------------------------------
+
+
+class FakeAssets:
+    """Assets that check what the hooks hand over and run the figure callbacks on a real Figure."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def image(self, name: str, chw: np.ndarray, *, scale: str = "uint8") -> str:
+        assert chw.ndim == 3 and chw.shape[0] == 3 and np.isfinite(chw).all()
+        assert 0 <= chw.min() and chw.max() <= 255
+        self.names.append(name)
+        return f"{name}.png"
+
+    def figure(self, name: str, draw: Any, *, size: tuple[float, float] = (3, 3)) -> str:
+        from matplotlib.figure import Figure
+
+        draw(Figure(figsize=size))
+        self.names.append(name)
+        return f"{name}.png"
+
+
+class Res:
+    """Resources of one worker: the atlas's model on the CPU."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    def dataset(self) -> Any:
+        raise AssertionError("the analysis must not read the dataset")
+
+
+def make_atlas(model: torch.nn.Module, layers: list[str]) -> AtlasStore:
+    """An empty atlas of `model` (resnet10t) with the given layers' real geometry."""
+    rfs = receptive_fields(model)
+    infos = {la.name: la for la in list_layers(model)}
+    attrs = {
+        name: LayerAttrs(
+            infos[name].kind,
+            infos[name].channels,
+            infos[name].shape,
+            {
+                "size": list(rfs[name].size),
+                "stride": list(rfs[name].stride),
+                "offset": list(rfs[name].offset),
+            },
+            {"factor": 1.0, "size": 11, "first": [0, 0]},
+        )
+        for name in layers
+    }
+    run = RunAttrs(
+        model="resnet10t",
+        weights=None,
+        dataset="synthetic:4",
+        num_images=4,
+        image_size=64,
+        preprocessing={"size": 64, "resize": 64},
+        config={"k": 2, "patch_max": 16, "shard_size": 4, "batch_size": 2, "layers": layers, "seed": 0},
+    )
+    url = f"memory://rfatlas-tuning-{uuid.uuid4().hex}/atlas.zarr"
+    return AtlasStore.create(url, run=run, layers=attrs, num_images=4, shard_size=4, k=2)
+
+
+def run_analysis(name: str, store: AtlasStore, model: torch.nn.Module, options: dict[str, Any]) -> int:
+    """plan -> run every unit -> mark -> finish, as the generic flow does; returns the unit count."""
+    analysis = get_analysis(name)
+    opts = analysis.options(options)
+    units = analysis.plan(store, opts)
+    for unit in units:
+        analysis.run(store, unit, Res(model))
+        store.mark_done(unit.key)
+    analysis.finish(store, opts)
+    return len(units)
+
+
+def test_tuning_analysis_writes_planted_preferences_and_reports_them() -> None:
+    g = gabor(7, 30.0, 4.0, 1.8)
+    model = _planted({0: np.stack([g, g, g]) / 3, 1: np.stack([g, -g, 0 * g]) / 2})
+    store = make_atlas(model, ["conv1", "layer1.0"])
+    opts = {"n_sfs": 8, "n_phases": 4, "batch_size": 512}
+    assert run_analysis("tuning", store, model, opts) == 2
+    assert run_analysis("tuning", store, model, opts) == 0  # done units are not planned again
+    with pytest.raises(ConfigMismatchError, match="n_phases"):
+        get_analysis("tuning").plan(store, get_analysis("tuning").options({**opts, "n_phases": 8}))
+    atlas = Atlas(store)
+    conv1 = atlas.layer("conv1")
+    po = conv1.array("tuning/preferred_orientation")
+    assert abs(po[0] - 30.0) <= 15.0
+    sfs = conv1.array("tuning/sf")
+    assert (
+        abs(
+            int(np.argmin(np.abs(np.log(sfs / 0.25))))
+            - int(np.flatnonzero(sfs == conv1.array("tuning/preferred_sf")[0])[0])
+        )
+        <= 1
+    )
+    np.testing.assert_allclose(conv1.array("tuning/sf_per_rf"), sfs * 7, rtol=1e-6)
+    assert conv1.array("tuning/max").shape == (16, 3, 1, 12, 8)
+    flags = conv1.array("tuning/is_colour_opponent")
+    assert not flags[0] and flags[1] and conv1.array("tuning/is_double_opponent")[1]
+    analysis = get_analysis("tuning")
+    assert analysis.verify(store) == []
+    cols = analysis.channel_columns(atlas, "conv1")
+    assert set(cols) == {"osi", "circular_variance", "is_orientation_selective", "is_colour_opponent"}
+    assert all(v.shape == (16,) for v in cols.values())
+    findings = analysis.findings(atlas)
+    assert len(findings) == 2 and findings[0].startswith("tuning conv1: ")
+    assets = FakeAssets()
+    section = analysis.report_channel(atlas, "conv1", 0, assets)
+    assert section is not None and len(assets.names) == 2
+    layer_section = analysis.report_layer(atlas, "layer1.0", assets)
+    assert layer_section is not None and "orientation-selective" in layer_section.html
+    with pytest.raises(AnalysisError, match="aperture"):
+        analysis.options({"aperture": "square"})
