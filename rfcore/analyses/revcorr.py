@@ -254,8 +254,9 @@ class Revcorr(Analysis):
         preds = {}
         for src, surf in (("awa", lin), ("awc", energy)):
             s = surf[:, 0, 0].max(-1)  # (C, O, S): max over phase
-            o, f = preferred(np.nan_to_num(s, nan=-np.inf))
-            bad = np.isnan(s).all(axis=(1, 2)) | ~(np.nanmax(s.reshape(len(s), -1), axis=1) > 0)
+            finite = np.nan_to_num(s, nan=-np.inf)
+            o, f = preferred(finite)
+            bad = ~(finite.reshape(len(s), -1).max(1) > 0)  # no filter, or no grating drives it
             preds[f"pred_orientation_{src}"] = np.where(bad, np.nan, np.asarray(gs.orientations)[o])
             preds[f"pred_sf_{src}"] = np.where(bad, np.nan, np.asarray(gs.sfs)[f])
         rows = slice(start, stop)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rfcore.analysis import get_analysis
 from rfcore.models import get_model, model_meta
 from rfcore.revcorr import (
     BoxSpec,
@@ -20,8 +21,9 @@ from rfcore.revcorr import (
     predicted_surface,
 )
 from rfcore.stimuli import GratingSet, orientations, phases
+from rfcore.store import Atlas
 from rfcore.tuning import preferred
-from tests.rfcore.test_tuning import gabor
+from tests.rfcore.test_tuning import FakeAssets, gabor, make_atlas, run_analysis
 
 K, S = 9, 15  # kernel and image size of the toy units: 7x7 map, centre unit (3, 3) sees pixels 3..11
 MEAN = (0.5, 0.5, 0.5)
@@ -176,3 +178,36 @@ def test_filters_predict_grating_preferences() -> None:
     x = np.array([10.0, 50.0, 90.0, 130.0, 170.0])
     assert axial_circular_correlation(x, x) == 1.0 or abs(axial_circular_correlation(x, x) - 1) < 1e-12
     assert abs(axial_circular_correlation(x, (x + 180.0) % 360)) - 1 < 1e-12
+
+
+def test_revcorr_analysis_recovers_a_planted_filter_and_compares_with_tuning() -> None:
+    g = gabor(7, 30.0, 4.0, 1.8)
+    model = get_model("resnet10t")
+    with torch.no_grad():
+        model.conv1.weight[0] = torch.as_tensor(np.stack([g, g, g]) / 3)
+    store = make_atlas(model, ["conv1"])
+    rc_opts = {"num_images": 1500, "batch_size": 500, "channels_per_unit": 8, "n_sfs": 8, "n_phases": 4}
+    assert run_analysis("revcorr", store, model, rc_opts) == 2  # 16 channels in blocks of 8
+    assert run_analysis("revcorr", store, model, rc_opts) == 0
+    atlas = Atlas(store)
+    layer = atlas.layer("conv1")
+    awa = layer.array("revcorr/awa")
+    assert awa.shape == (16, 3, 7, 7)
+    std = np.asarray(model_meta(model).preprocessing.std)
+    filt = (np.stack([g, g, g]) / 3 / std[:, None, None]).ravel()
+    assert np.corrcoef(awa[0].ravel(), filt)[0, 1] > 0.9
+    pred = layer.array("revcorr/pred_orientation_awa")
+    assert abs(pred[0] - 30.0) <= 15.0
+    analysis = get_analysis("revcorr")
+    assert analysis.verify(store) == []
+    assert analysis.finish(store, analysis.options(rc_opts)) == {}  # no tuning yet: nothing to compare
+    run_analysis("tuning", store, model, {"n_sfs": 8, "n_phases": 4, "colour": False, "batch_size": 512})
+    agreed = analysis.finish(store, analysis.options(rc_opts))["conv1"]
+    assert set(agreed) == {"awa", "awc"} and agreed["awa"]["n"] >= 1
+    assert 0.0 <= agreed["awa"]["orientation_within_step"] <= 1.0
+    findings = analysis.findings(atlas)
+    assert len(findings) == 1 and "AWA predicts" in findings[0]
+    assets = FakeAssets()
+    assert analysis.report_channel(atlas, "conv1", 0, assets) is not None and assets.names[0].endswith("-awa")
+    section = analysis.report_layer(atlas, "conv1", assets)
+    assert section is not None and "RF predicts tuning" in section.html
