@@ -131,28 +131,33 @@ class RevcorrReducer:
         self.sum_xx = torch.zeros(self.iu.shape[1], dtype=f64, device=dev)
         self.batches: set[int] = set()
 
-    def add(self, act: Tensor, x: Tensor, batch: int, *, chunk: int = 64) -> None:
-        """Fold in batch number `batch`: rectified activations (B, C) and features (B, D). The
-        outer products go through one float32 GEMM per `chunk` images, summed in float64."""
+    def add(self, act: Tensor, x: Tensor, batch: int, *, chunk: int = 128) -> None:
+        """Fold in batch number `batch`: rectified activations (B, C) and features (B, D). The outer
+        products go through float32 GEMMs of `chunk` images into one float32 buffer per batch, which
+        is then added to the float64 sums (so float32 rounding never builds up over batches)."""
         if batch in self.batches:
             raise RfatlasError(f"batch {batch} was already added")
         self.batches.add(batch)
         act, x = act.to(self.device, torch.float32), x.to(self.device, torch.float32)
         b = act.shape[0]
-        weights = [act] + [
-            act[_perm(b, self.seed, batch, s, self.device)] for s in range(1, self.shuffles + 1)
-        ]
+        weights = [act] + [act[_perm(b, self.seed, batch, s, self.device)] for s in range(1, self.shuffles + 1)]
         w = torch.stack(weights)  # (rows, B, C)
         self.n += b
-        self.sum_a += w.sum(1).double()
-        self.sum_ax += torch.einsum("rbc,bd->rcd", w, x).double()
-        self.sum_x += x.sum(0).double()
+        self.sum_a += w.sum(1)
+        self.sum_ax += torch.einsum("rbc,bd->rcd", w, x)
+        self.sum_x += x.sum(0)
+        wt = w.permute(0, 2, 1).reshape(-1, b)  # (rows*C, B)
+        acc: Tensor | None = None
+        outer_sum: Tensor | None = None
         for lo in range(0, b, chunk):
             xc = x[lo : lo + chunk]
             outer = xc[:, self.iu[0]] * xc[:, self.iu[1]]  # (b, T)
-            wc = w[:, lo : lo + chunk].transpose(1, 2).reshape(-1, xc.shape[0])  # (rows*C, b)
-            self.sum_axx += (wc @ outer).view(self.sum_axx.shape).double()
-            self.sum_xx += outer.sum(0).double()
+            wc = wt[:, lo : lo + chunk]
+            acc = wc @ outer if acc is None else acc.addmm_(wc, outer)
+            outer_sum = outer.sum(0) if outer_sum is None else outer_sum.add_(outer.sum(0))
+        if acc is not None and outer_sum is not None:
+            self.sum_axx.view(acc.shape).add_(acc)
+            self.sum_xx.add_(outer_sum)
 
     def merge(self, other: RevcorrReducer) -> None:
         """Add the sums of a reducer over other batches (same channels, features, shuffles, seed)."""
