@@ -231,6 +231,9 @@ class RevcorrReducer:
         Units that never responded get zero filters and no significant eigenvalue."""
         awa, dc = self.delta_cov()
         k = min(k, self.dim // 2) if self.dim > 1 else 1
+        # ΔC is formed in float64 (a difference of close covariances); its eigen-decomposition runs in
+        # float32 (eigenvalues of interest are far above float32 rounding; 2x faster, and fast on GPUs)
+        dc = dc.float()
         vals, vecs = torch.linalg.eigh(dc[0])  # ascending
         idx = torch.cat([torch.arange(self.dim - 1, self.dim - 1 - k, -1), torch.arange(0, k)]).to(
             vals.device
@@ -244,7 +247,7 @@ class RevcorrReducer:
             null_vals = torch.linalg.eigvalsh(dc[1:])  # (shuffles, C, D)
             null = margin * torch.stack([null_vals[..., 0].amin(0), null_vals[..., -1].amax(0)], dim=1)
         else:
-            null = torch.full((self.channels, 2), float("nan"), dtype=torch.float64, device=vals.device)
+            null = torch.full((self.channels, 2), float("nan"), dtype=torch.float32, device=vals.device)
         sig = ((top_vals > null[:, 1:2]) | (top_vals < null[:, 0:1])) & alive[:, None]
         sig[:, :k] &= top_vals[:, :k] > 0
         sig[:, k:] &= top_vals[:, k:] < 0
