@@ -122,7 +122,10 @@ class RevcorrOptions:
         default=10, metadata={"help": "SFs of the prediction gratings (1 cycle/RF to 0.5 c/px)"}
     )
     n_phases: int = field(default=8, metadata={"help": "phases of the prediction gratings"})
-    batch_size: int = field(default=256, metadata={"help": "noise images per forward pass"})
+    batch_size: int = field(
+        default=256,
+        metadata={"help": "noise images per forward pass (also the unit of noise seeds and shuffles)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the noise and of the shuffles"})
     precision: str = field(default="auto", metadata={"help": "autocast: off, auto, bf16, fp16"})
 
@@ -177,7 +180,7 @@ class Revcorr(Analysis):
     def plan(self, store: AtlasStore, opts: RevcorrOptions) -> list[Unit]:
         layers = atlas_layers(store, opts.layers)
         config = options_config(opts)
-        for name in ("layers", "batch_size", "channels_per_unit"):
+        for name in ("layers", "channels_per_unit"):  # batch_size stays: noise and shuffles are per batch
             config.pop(name)
         for layer in layers:
             store.require_group(f"layers/{layer}/revcorr", config=config)
@@ -204,7 +207,11 @@ class Revcorr(Analysis):
                 {"blocks": len(blocks), "box": [box.y0, box.y1, box.x0, box.x1], "factor": box.factor}
             )
             units += [
-                Unit(_key(layer, b), layer, {"start": b * cpu, "stop": min(channels, (b + 1) * cpu)})
+                Unit(
+                    _key(layer, b),
+                    layer,
+                    {"start": b * cpu, "stop": min(channels, (b + 1) * cpu)},
+                )
                 for b in blocks
             ]
         pending = set(store.pending([u.key for u in units]))

@@ -243,14 +243,15 @@ class Tuning(Analysis):
                 )
             for k in (*_METRICS, *_CLASSES):
                 store.require_array(TUNING_ARRAYS[k], (channels,), (channels,), layer=layer)
-            units.append(Unit(_key(layer), layer))
+            units.append(Unit(_key(layer), layer, {"batch_size": opts.batch_size}))
         pending = set(store.pending([u.key for u in units]))
         return [u for u in units if u.key in pending]
 
     def run(self, store: AtlasStore, unit: Unit, res: Resources) -> dict[str, Any]:
         """Measure every channel of one layer with the grid `plan` recorded; write its arrays."""
         layer = str(unit.layer)
-        opts: TuningOptions = self.options(attrs_of(store.require_group(f"layers/{layer}/tuning"))["config"])
+        config = attrs_of(store.require_group(f"layers/{layer}/tuning"))["config"]
+        opts: TuningOptions = self.options({**config, "batch_size": unit.args.get("batch_size", 256)})
         rf, shape, channels, size = layer_geometry(store, layer)
         model = res.model()
         pre = model_meta(model).preprocessing
