@@ -255,8 +255,9 @@ class Revcorr(Analysis):
             amplitude=stimulus_amplitude(pre.mean, 0.0),
             centre=rf_centre(rf, shape, size),
         )
-        cpu = torch.device("cpu")
-        feats = torch.cat([box_features(img, pre.mean, box) for _, img in gs.batches(1024, cpu)])
+        feats = torch.cat(
+            [box_features(img, pre.mean, box).cpu() for _, img in gs.batches(opts.batch_size, device)]
+        )
         lin, energy = predicted_surface(result, feats, gs.shape)
         preds = {}
         for src, surf in (("awa", lin), ("awc", energy)):
