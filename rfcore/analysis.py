@@ -76,7 +76,9 @@ class Assets(Protocol):
     """Where report hooks put images: each call writes a file once and returns its relative URL."""
 
     def image(self, name: str, chw: np.ndarray, *, scale: str = "uint8") -> str: ...
-    def figure(self, name: str, draw: Callable[[Any], None], *, size: tuple[float, float] = (3, 3)) -> str: ...
+    def figure(
+        self, name: str, draw: Callable[[Any], None], *, size: tuple[float, float] = (3, 3)
+    ) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -248,10 +250,10 @@ def make_options(options_cls: type[Any], values: Mapping[str, Any], *, where: st
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(known), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise AnalysisError(f"{where} has no option {unknown[0]!r}{hint} (options: {', '.join(known) or 'none'})")
-    kwargs = {
-        k: _convert(v, known[k][1], known[k][2], f"{where} option {k}") for k, v in values.items()
-    }
+        raise AnalysisError(
+            f"{where} has no option {unknown[0]!r}{hint} (options: {', '.join(known) or 'none'})"
+        )
+    kwargs = {k: _convert(v, known[k][1], known[k][2], f"{where} option {k}") for k, v in values.items()}
     try:
         return options_cls(**kwargs)
     except RfatlasError as e:

@@ -140,7 +140,9 @@ class RevcorrReducer:
         self.batches.add(batch)
         act, x = act.to(self.device, torch.float32), x.to(self.device, torch.float32)
         b = act.shape[0]
-        weights = [act] + [act[_perm(b, self.seed, batch, s, self.device)] for s in range(1, self.shuffles + 1)]
+        weights = [act] + [
+            act[_perm(b, self.seed, batch, s, self.device)] for s in range(1, self.shuffles + 1)
+        ]
         w = torch.stack(weights)  # (rows, B, C)
         self.n += b
         self.sum_a += w.sum(1)

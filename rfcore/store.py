@@ -435,7 +435,11 @@ class AtlasStore:
             raise StoreError(f"{path} in {redact(self.url)} is an array, not a group")
         old = _attrs(node).get("config") if node is not None else None
         if want is not None and old is not None and old != want:
-            diff = [f"{k} {old.get(k)!r} -> {want.get(k)!r}" for k in sorted({*old, *want}) if old.get(k) != want.get(k)]
+            diff = [
+                f"{k} {old.get(k)!r} -> {want.get(k)!r}"
+                for k in sorted({*old, *want})
+                if old.get(k) != want.get(k)
+            ]
             raise ConfigMismatchError(
                 f"{path} in {redact(self.url)} was computed with other options ({', '.join(diff)}); "
                 "use another --out or the same options"

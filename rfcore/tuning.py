@@ -229,14 +229,18 @@ def tuning_metrics(
     opponency_min: float = 0.0,
     ori_level: float = 1 / math.sqrt(2),
     sf_level: float = 0.5,
+    contrasts: Sequence[float] | None = None,
 ) -> TuningResult:
-    """Metrics from phase summaries (C, axes, contrasts, O, S) at the highest contrast (last index).
+    """Metrics from phase summaries (C, axes, contrasts, O, S) at the highest of `contrasts` (default:
+    the last index).
 
     Orientation and SF tuning use the luminance surface (max over phase): the preferred grating is its
     argmax, the orientation curve is taken at the preferred SF and the SF curve at the preferred
     orientation. Colour opponency compares the best chromatic and best luminance responses at equal
     contrast; double-opponent = colour-opponent and orientation-selective on its best chromatic axis."""
     lum = list(axes).index("luminance")
+    top = int(np.argmax(contrasts)) if contrasts is not None else rmax.shape[2] - 1
+    rmax, f0, f1 = rmax[:, :, top : top + 1], f0[:, :, top : top + 1], f1[:, :, top : top + 1]
     oris, sf = np.asarray(orientations, dtype=np.float64), np.asarray(sfs, dtype=np.float64)
     rows = np.arange(rmax.shape[0])
     surf = rmax[:, lum, -1].astype(np.float64)

@@ -294,6 +294,7 @@ class Tuning(Analysis):
             cv_max=opts.cv_max,
             osi_min=opts.osi_min,
             opponency_min=opts.opponency_min,
+            contrasts=opts.contrasts,
         )
         for k, v in (("max", rmax), ("f0", f0), ("f1", f1)):
             array_node(grid, k)[...] = v.astype(np.float32)
@@ -392,7 +393,9 @@ class Tuning(Analysis):
             return None
         oris = read(group, "orientation").astype(np.float64)
         sfs = read(group, "sf").astype(np.float64)
-        surface = np.asarray(array_node(group, "max")[channel, 0, -1], np.float64)  # luminance, top contrast
+        surface = np.asarray(
+            array_node(group, "max")[channel, 0, int(np.argmax(read(group, "contrast")))], np.float64
+        )  # luminance, top contrast
         if np.isnan(surface).all():
             return None
         po = float(item(group, "preferred_orientation", channel))

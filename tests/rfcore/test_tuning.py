@@ -336,3 +336,16 @@ def test_tuning_analysis_writes_planted_preferences_and_reports_them() -> None:
     assert layer_section is not None and "orientation-selective" in layer_section.html
     with pytest.raises(AnalysisError, match="aperture"):
         analysis.options({"aperture": "square"})
+
+
+def test_metrics_use_the_highest_contrast_whatever_its_position() -> None:
+    oris, sfs = orientations(4), (0.1, 0.2, 0.4)
+    rmax = np.zeros((1, 1, 2, 4, 3))
+    rmax[0, 0, 0, 2, 1] = 2.0  # contrast 1.0
+    rmax[0, 0, 1, 0, 0] = 1.0  # contrast 0.5
+    res = tuning_metrics(
+        rmax, rmax, rmax, axes=("luminance",), orientations=oris, sfs=sfs, contrasts=(1.0, 0.5)
+    )
+    assert res.preferred_orientation[0] == oris[2] and res.preferred_sf[0] == 0.2
+    assert res.circular_variance[0] == pytest.approx(0.0) and res.osi[0] == pytest.approx(1.0)
+    assert np.isnan(res.colour_opponency[0]) and not res.is_colour_opponent[0]
