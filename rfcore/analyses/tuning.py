@@ -420,6 +420,7 @@ class Tuning(Analysis):
         a = assets.figure(f"{layer}/c{channel:04d}-tuning-orientation", polar)
         b = assets.figure(f"{layer}/c{channel:04d}-tuning-sf", sf_plot)
         vals = {k: float(item(group, k, channel)) for k in _METRICS}
+        vals["preferred_sf (cycles/RF)"] = float(read(group, "sf_per_rf")[js])
         cls = [k[3:].replace("_", "-") for k in _CLASSES if bool(item(group, k, channel))]
         table = "".join(f"<tr><td>{k}</td><td>{v:.3g}</td></tr>" for k, v in vals.items())
         return Section(
