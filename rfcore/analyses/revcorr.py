@@ -115,7 +115,10 @@ class RevcorrOptions:
     )
     n_eig: int = field(default=4, metadata={"help": "eigen-filters kept per sign"})
     channels_per_unit: int = field(
-        default=64, metadata={"help": "channels per task (AWC memory ~ channels x D^2)"}
+        default=256,
+        metadata={
+            "help": "channels per task: each task runs all the noise; memory ~ 12 x channels x D^2 bytes"
+        },
     )
     n_orientations: int = field(default=12, metadata={"help": "orientations of the prediction gratings"})
     n_sfs: int = field(
