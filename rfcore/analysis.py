@@ -285,3 +285,55 @@ def parse_list(spec: str | Sequence[str] | None) -> list[str]:
         return []
     items = spec.split(",") if isinstance(spec, str) else [str(s) for s in spec]
     return [s.strip() for s in items if s.strip()]
+
+
+class LocalResources:
+    """`Resources` for one process: the atlas's model and dataset, each loaded on first use."""
+
+    def __init__(self, run: Mapping[str, Any], device: str = "auto") -> None:
+        from rfcore.models import select_device
+
+        self._run = run
+        self.device = select_device(device)
+        self._model: nn.Module | None = None
+        self._dataset: ImageDataset | None = None
+
+    def model(self) -> nn.Module:
+        if self._model is None:
+            from rfcore.models import get_model
+
+            run = self._run
+            model = get_model(
+                run["model"], weights=run.get("weights"), seed=int(run["config"].get("seed", 0))
+            )
+            self._model = model.to(self.device).eval()
+        return self._model
+
+    def dataset(self) -> ImageDataset:
+        if self._dataset is None:
+            from rfcore.data import open_dataset
+
+            run = self._run
+            self._dataset = open_dataset(
+                run["dataset"], size=int(run["image_size"]), resize=run["preprocessing"].get("resize")
+            )
+        return self._dataset
+
+
+def run_local(
+    url: str, name: str, options: Mapping[str, Any] | None = None, device: str = "cpu"
+) -> dict[str, Any]:
+    """Run the analysis `name` on the atlas at `url` in this process, unit after unit, as the Prefect
+    flow does on a cluster (plan, run, mark, finish): for notebooks, tests and debugging."""
+    from rfcore.store import AtlasStore
+
+    a = get_analysis(name)
+    opts = a.options(options)
+    store = AtlasStore.open(url, "r+")
+    res = LocalResources(store.run, device)
+    units = a.plan(store, opts)
+    for unit in units:
+        a.run(store, unit, res)
+        if unit.complete:
+            store.mark_done(unit.key)
+    return {"units_run": len(units), **a.finish(store, opts)}

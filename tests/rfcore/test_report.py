@@ -11,6 +11,7 @@ from PIL import Image
 
 from rfcore.data import SkippedImage
 from rfcore.errors import StoreError
+from rfcore.inactive import INACTIVE_SPEC
 from rfcore.report import write_report
 from rfcore.schema import SWEEP_ARRAYS, LayerAttrs, RunAttrs, spec
 from rfcore.store import AtlasStore
@@ -40,7 +41,8 @@ def _make_atlas(url: str) -> dict[str, np.ndarray]:
     data["mean_stimulus"][1] = np.nan  # never positive
     data["inactive"] = np.array([False, True, False])
     for path, values in data.items():
-        store.require_array(spec(path), values.shape, values.shape, layer="layer1.0")[...] = values
+        s = INACTIVE_SPEC if path == "inactive" else spec(path)
+        store.require_array(s, values.shape, values.shape, layer="layer1.0")[...] = values
     store.set_layer_attrs("layer1.0", complete=True)
     store.add_skipped([SkippedImage(4, "/data/bad <1>.jpg", "truncated")])
     return data
@@ -88,26 +90,15 @@ def test_report_of_missing_store_is_store_error(tmp_path: Path) -> None:
 def test_report_shows_actmax_images_and_the_noise_table(tmp_path: Path) -> None:
     """A real atlas (sweep, act-max of two conv1 channels, noise test at maxpool): the layer page
     shows each rendered act-max image as an exact PNG, the index page the paper's Table 1."""
-    from rfcore.actmax import actmax_block, plan_blocks, prepare_actmax, preset
-    from rfcore.data import open_dataset
-    from rfcore.models import get_model, select_device
-    from rfcore.noise import CONDITIONS, noise_shard, prepare_noise, summarize_store
+    from rfcore.analysis import run_local
     from rfcore.pipeline import run_sweep
 
     url = str(tmp_path / "real.zarr")
     run_sweep(url, model_name="resnet10t", data_spec="synthetic:8", layers="conv1,maxpool", k=2,
               shard_size=8, batch_size=4, device="cpu", progress=False)  # fmt: skip
-    store, model = AtlasStore.open(url, "r+"), get_model("resnet10t")
-    for objective in ("channel", "neuron"):
-        prepare_actmax(
-            store, model, "conv1", objective, config=preset("kobayashi2020", steps=2), block_size=4
-        )
-        for block, chans in plan_blocks([0, 1], 4):
-            actmax_block(store, model, "conv1", objective, block, chans)
-    dataset = open_dataset("synthetic:8", size=64)
-    for cond, shard in prepare_noise(store, "maxpool", conditions=CONDITIONS, sigma=1.0, seed=0):
-        noise_shard(store, "maxpool", cond, shard, model=model, dataset=dataset, device=select_device("cpu"))
-    summarize_store(store, "maxpool", n_boot=50)
+    run_local(url, "actmax", {"layers": "conv1", "channels": "0,1", "steps": 2, "block_size": 4})
+    run_local(url, "noise", {"n_boot": 50})
+    store = AtlasStore.open(url)
 
     out = tmp_path / "report"
     index = write_report(url, out).read_text()
