@@ -182,6 +182,18 @@ def item(group: zarr.Group, name: str, index: int) -> Any:
     return np.asarray(array_node(group, name)[index]).item()
 
 
+def canvas(target: Any, projection: str | None = None) -> Any:
+    """The matplotlib Axes to draw on from what `Assets.figure` hands a callback (a Figure or an Axes);
+    an Axes of another projection is replaced by one of `projection` (e.g. "polar") in its figure."""
+    if hasattr(target, "add_subplot"):  # a Figure
+        return target.add_subplot(projection=projection)
+    if projection is None or getattr(target, "name", None) == projection:
+        return target
+    fig = target.figure
+    target.remove()
+    return fig.add_subplot(projection=projection)
+
+
 def _key(layer: str) -> str:
     return f"tuning/{layer}"
 
@@ -404,14 +416,14 @@ class Tuning(Analysis):
         ori_curve, sf_curve = surface[:, js], surface[io, :]
 
         def polar(fig: Any) -> None:
-            ax = fig.add_subplot(projection="polar")
+            ax = canvas(fig, "polar")
             th = np.deg2rad(np.concatenate([oris, oris + 180.0, oris[:1] + 360.0]))
             r = np.concatenate([ori_curve, ori_curve, ori_curve[:1]])
             ax.plot(th, r, "-o", ms=3)
             ax.set_title(f"orientation at {ps:.3g} c/px", fontsize=8)
 
         def sf_plot(fig: Any) -> None:
-            ax = fig.add_subplot()
+            ax = canvas(fig)
             ax.semilogx(sfs, sf_curve, "-o", ms=3)
             ax.set_xlabel("cycles/pixel")
             ax.set_ylabel("response")
