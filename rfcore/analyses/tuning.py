@@ -41,7 +41,7 @@ _METRICS = {
     "preferred_orientation": "preferred modulation direction, degrees in [0, 180) (luminance, top contrast)",
     "preferred_sf": "preferred spatial frequency, cycles/pixel",
     "osi": "(R_pref - R_orth) / (R_pref + R_orth) of the orientation curve at the preferred SF",
-    "circular_variance": "1 - |sum R e^(2i theta)| / sum R (Ringach et al. 2002)",
+    "circular_variance": "1 - abs(sum R e^(2i theta)) / sum R (Ringach et al. 2002)",
     "orientation_bandwidth": "half-width at 1/sqrt(2) of the peak, degrees; NaN if it never drops",
     "sf_bandwidth": "full width at half height of the SF curve, octaves; NaN if open-ended",
     "modulation_ratio": "F1/F0 at the preferred grating (> 1: simple-like)",
