@@ -107,22 +107,15 @@ def osi(curve: np.ndarray, orientations: Sequence[float] | np.ndarray, pref: np.
         return np.where(rp + ro > 0, (rp - ro) / (rp + ro), np.nan)
 
 
-def _crossing(
-    values: np.ndarray, coords: np.ndarray, start: int, step: int, level: float, wrap: bool
-) -> float | None:
+def _crossing(values: np.ndarray, coords: np.ndarray, start: int, step: int, level: float) -> float | None:
     """Coordinate where `values` first drops below `level` walking from `start` by `step` (linear
-    interpolation between grid points); None if it never does."""
-    n = len(values)
-    i = start
-    for _ in range(n - 1 if wrap else n):
-        j = i + step
-        if not wrap and not 0 <= j < n:
-            return None
-        j %= n
+    interpolation between grid points); None if it never does before the end of the array."""
+    i, j = start, start + step
+    while 0 <= j < len(values):
         if values[j] < level:
             t = (values[i] - level) / (values[i] - values[j])
             return float(coords[i] + t * (coords[j] - coords[i]))
-        i = j
+        i, j = j, j + step
     return None
 
 
@@ -147,7 +140,7 @@ def orientation_bandwidth(
         coords = np.concatenate([oris - 180.0, oris, oris + 180.0])
         widths = []
         for step in (1, -1):
-            x = _crossing(ext, coords, n + int(pref[c]), step, level * peak, wrap=False)
+            x = _crossing(ext, coords, n + int(pref[c]), step, level * peak)
             if x is None or abs(x - oris[pref[c]]) > 90.0:
                 break
             widths.append(abs(x - oris[pref[c]]))
@@ -168,8 +161,8 @@ def sf_bandwidth(
         peak = curve[c, pref[c]]
         if not peak > 0:
             continue
-        hi = _crossing(curve[c], logf, int(pref[c]), 1, level * peak, wrap=False)
-        lo = _crossing(curve[c], logf, int(pref[c]), -1, level * peak, wrap=False)
+        hi = _crossing(curve[c], logf, int(pref[c]), 1, level * peak)
+        lo = _crossing(curve[c], logf, int(pref[c]), -1, level * peak)
         if hi is not None and lo is not None:
             out[c] = hi - lo
     return out

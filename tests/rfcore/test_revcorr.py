@@ -211,3 +211,14 @@ def test_revcorr_analysis_recovers_a_planted_filter_and_compares_with_tuning() -
     assert analysis.report_channel(atlas, "conv1", 0, assets) is not None and assets.names[0].endswith("-awa")
     section = analysis.report_layer(atlas, "conv1", assets)
     assert section is not None and "RF predicts tuning" in section.html
+
+
+def test_downsampled_box_awa_is_the_block_averaged_filter() -> None:
+    g = gabor(K, 45.0, 6.0, 2.5)
+    model = Toy(g[None], energy=False)
+    box = box_spec(TOY_RF, (7, 7), S, max_side=3, colour=False)
+    assert box.factor == 3 and box.shape == (1, 3, 3)
+    res = _run(model, box, 3000).result(k=1)
+    # a linear unit's response to pooled white noise depends on the filter's block sums
+    blocks = g.reshape(3, 3, 3, 3).sum(axis=(1, 3)).ravel()
+    assert np.corrcoef(res.awa[0].numpy(), blocks)[0, 1] > 0.95
