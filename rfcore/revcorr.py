@@ -1,9 +1,10 @@
 """White-noise reverse correlation of centre units: activation-weighted average (AWA) and covariance (AWC).
 
 Streaming and mergeable: `RevcorrReducer.add` folds in one batch of (activations, RF-box pixels);
-reducers over disjoint batches `merge` into the reducer of one pass (float64 sums, equal up to
-summation order). `result` gives the AWA, the AWC minus the stimulus covariance, its leading eigen
-filters, and a null band from activations shuffled within each batch. The RF box is block-averaged to
+reducers over disjoint batches `merge` into the reducer of one pass (float64 sums fed by float32
+GEMMs: equal up to summation order and float32 rounding). `result` gives the AWA, the AWC minus the
+stimulus covariance, its leading eigen filters, and a null band from activations shuffled within
+each batch. The RF box is block-averaged to
 at most `max_side` pixels per side (integer factor, no overlap: the pooled noise stays white) so that
 the covariance stays small. Definitions and sources: docs/tuning.md. Pure compute, no I/O.
 """
@@ -113,13 +114,27 @@ class RevcorrResult:
 class RevcorrReducer:
     """Sums for the AWA/AWC of C units over D features; row 0 of each sum uses the true activations,
     rows 1..shuffles the activations permuted within each batch (seeded by (seed, batch, shuffle), so
-    shards give the same permutations as one pass). Covariances keep their upper triangle only."""
+    shards give the same permutations as one pass). Covariances keep their upper triangle only.
+
+    The outer-product sums go through float32 GEMMs into a float32 buffer that is added to the
+    float64 sums every `flush_images` images (and before `state_dict`, `merge` and results): adding a
+    (rows x C x T) buffer costs as much memory traffic as the GEMM itself, so not after every batch;
+    float32 rounding builds up over at most `flush_images` images (relative ~1e-6, far below the
+    sampling noise of a covariance)."""
 
     def __init__(
-        self, channels: int, dim: int, *, shuffles: int = 2, seed: int = 0, device: torch.device | None = None
+        self,
+        channels: int,
+        dim: int,
+        *,
+        shuffles: int = 2,
+        seed: int = 0,
+        device: torch.device | None = None,
+        flush_images: int = 1024,
     ) -> None:
         self.channels, self.dim, self.shuffles, self.seed = channels, dim, shuffles, seed
         self.device = device or torch.device("cpu")
+        self.flush_images = flush_images
         rows = 1 + shuffles
         dev, f64 = self.device, torch.float64
         self.iu = torch.triu_indices(dim, dim, device=self.device)
@@ -130,11 +145,13 @@ class RevcorrReducer:
         self.sum_x = torch.zeros(dim, dtype=f64, device=dev)
         self.sum_xx = torch.zeros(self.iu.shape[1], dtype=f64, device=dev)
         self.batches: set[int] = set()
+        self._acc: Tensor | None = None  # float32 (rows*C, T) not yet in sum_axx
+        self._acc_xx: Tensor | None = None
+        self._pending = 0
 
     def add(self, act: Tensor, x: Tensor, batch: int, *, chunk: int = 128) -> None:
-        """Fold in batch number `batch`: rectified activations (B, C) and features (B, D). The outer
-        products go through float32 GEMMs of `chunk` images into one float32 buffer per batch, which
-        is then added to the float64 sums (so float32 rounding never builds up over batches)."""
+        """Fold in batch number `batch`: rectified activations (B, C) and features (B, D); the outer
+        products go through float32 GEMMs of `chunk` images."""
         if batch in self.batches:
             raise RfatlasError(f"batch {batch} was already added")
         self.batches.add(batch)
@@ -149,17 +166,25 @@ class RevcorrReducer:
         self.sum_ax += torch.einsum("rbc,bd->rcd", w, x)
         self.sum_x += x.sum(0)
         wt = w.permute(0, 2, 1).reshape(-1, b)  # (rows*C, B)
-        acc: Tensor | None = None
-        outer_sum: Tensor | None = None
         for lo in range(0, b, chunk):
             xc = x[lo : lo + chunk]
             outer = xc[:, self.iu[0]] * xc[:, self.iu[1]]  # (b, T)
             wc = wt[:, lo : lo + chunk]
-            acc = wc @ outer if acc is None else acc.addmm_(wc, outer)
-            outer_sum = outer.sum(0) if outer_sum is None else outer_sum.add_(outer.sum(0))
-        if acc is not None and outer_sum is not None:
-            self.sum_axx.view(acc.shape).add_(acc)
-            self.sum_xx.add_(outer_sum)
+            if self._acc is None or self._acc_xx is None:
+                self._acc, self._acc_xx = wc @ outer, outer.sum(0)
+            else:
+                self._acc.addmm_(wc, outer)
+                self._acc_xx.add_(outer.sum(0))
+        self._pending += b
+        if self._pending >= self.flush_images:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the float32 buffer into the float64 sums."""
+        if self._acc is not None and self._acc_xx is not None:
+            self.sum_axx.view(self._acc.shape).add_(self._acc)
+            self.sum_xx.add_(self._acc_xx)
+        self._acc, self._acc_xx, self._pending = None, None, 0
 
     def merge(self, other: RevcorrReducer) -> None:
         """Add the sums of a reducer over other batches (same channels, features, shuffles, seed)."""
@@ -172,6 +197,8 @@ class RevcorrReducer:
             raise RfatlasError("cannot merge reducers with different channels, features, shuffles or seed")
         if self.batches & other.batches:
             raise RfatlasError(f"batches {sorted(self.batches & other.batches)[:5]} are in both reducers")
+        self.flush()
+        other.flush()
         self.batches |= other.batches
         self.n += other.n
         for name in ("sum_a", "sum_ax", "sum_axx", "sum_x", "sum_xx"):
@@ -179,6 +206,7 @@ class RevcorrReducer:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors (CPU) and settings; `from_state_dict` rebuilds the reducer."""
+        self.flush()
         return {
             "channels": self.channels,
             "dim": self.dim,
@@ -217,6 +245,7 @@ class RevcorrReducer:
         AWC = sum a (x - awa)(x - awa)^T / sum a; stimulus covariance = sum (x - m)(x - m)^T / n."""
         if self.n == 0:
             raise RfatlasError("no images were added")
+        self.flush()
         with torch.no_grad():
             wsum = self.sum_a.clamp_min(torch.finfo(torch.float64).tiny)[..., None]
             awa = self.sum_ax / wsum
