@@ -20,7 +20,7 @@ import time
 import torch
 from torch import Tensor
 
-from rfcore.layers import capture, list_layers
+from rfcore.layers import capture, list_layers, response_module
 from rfcore.models import get_model, model_meta
 from rfcore.precision import autocast
 from rfcore.receptive import receptive_fields
@@ -78,16 +78,17 @@ def main() -> None:
 
     def bare(i: int, images: Tensor, cap: capture) -> None:
         with autocast(device, args.precision):
-            out = cap.run(to_input(images, pre.mean, pre.std))[args.layer]
+            out = cap.run(to_input(images, pre.mean, pre.std))[module]
         centre_response(out).cpu()
 
     def revcorr(i: int, images: Tensor, cap: capture, r: int) -> None:
         with autocast(device, args.precision):
-            out = cap.run(to_input(images, pre.mean, pre.std))[args.layer]
+            out = cap.run(to_input(images, pre.mean, pre.std))[module]
         reducer.add(centre_response(out), box_features(images, pre.mean, box), r * len(batches) + i)
 
     best = {"bare": [float("inf")] * len(batches), "revcorr": [float("inf")] * len(batches)}
-    with torch.no_grad(), capture(model, [args.layer], stop_early=True) as cap:
+    module = response_module(model, args.layer).module
+    with torch.no_grad(), capture(model, [module], stop_early=True) as cap:
         bare(0, batches[0], cap)  # warm-up
         for r in range(args.rounds):
             for i, images in enumerate(batches):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rfcore.errors import RfatlasError
-from rfcore.layers import capture
+from rfcore.layers import capture, response_module
 from rfcore.precision import autocast
 from rfcore.stimuli import noise_batches, to_input
 from rfcore.tuning import centre_index, centre_response
@@ -324,10 +324,11 @@ def accumulate(
         device=device,
         first_batch=first_batch,
     )
-    with torch.no_grad(), capture(model, [layer], stop_early=True) as cap:
+    module = response_module(model, layer).module  # a conv's response: after its BN and ReLU
+    with torch.no_grad(), capture(model, [module], stop_early=True) as cap:
         for i, images in enumerate(gen):
             with autocast(device, precision):
-                out = cap.run(to_input(images, input_mean, input_std))[layer]
+                out = cap.run(to_input(images, input_mean, input_std))[module]
             reducer.add(
                 centre_response(out)[:, channels], box_features(images, noise_mean, box), first_batch + i
             )

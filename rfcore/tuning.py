@@ -1,10 +1,10 @@
 """Grating tuning of every channel's centre unit: responses, the orientation x SF surface and its metrics.
 
 Pure compute (torch + numpy, no I/O). The measured unit of a channel is the centre unit of the feature
-map, `(H // 2, W // 2)` (as act-max's 'neuron' objective), and its response is the layer's output
-rectified (`relu`): blocks and ReLUs are already rectified, a captured conv's output is the
-pre-normalization drive, and rectifying it models the unit's firing rate. Definitions and sources are in
-docs/tuning.md.
+map, `(H // 2, W // 2)` (as act-max's 'neuron' objective), and its response is the layer's response
+tensor of the atlas (`rfcore.layers.response_module`: for a conv, after the BN and ReLU that follow
+it), rectified once more (`relu`, a no-op after a ReLU; it makes pools, linears and convs without a
+ReLU rate-like too). Definitions and sources are in docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rfcore.layers import capture
+from rfcore.layers import capture, response_module
 from rfcore.precision import autocast
 from rfcore.stimuli import GratingSet, to_input
 
@@ -63,11 +63,12 @@ def measure_responses(
     """Centre-unit responses (C, axes, contrasts, orientations, sfs, phases) of every channel of
     `layer` to `gratings`, on the model's device (stimuli made there batch by batch)."""
     device = next(model.parameters()).device
+    module = response_module(model, layer).module
     chunks = []
-    with torch.no_grad(), capture(model, [layer], stop_early=True) as cap:
+    with torch.no_grad(), capture(model, [module], stop_early=True) as cap:
         for _, images in gratings.batches(batch_size, device):
             with autocast(device, precision):
-                out = cap.run(to_input(images, input_mean, input_std))[layer]
+                out = cap.run(to_input(images, input_mean, input_std))[module]
             chunks.append(centre_response(out))
     resp = torch.cat(chunks)  # (N, C)
     return resp.T.reshape(resp.shape[1], *gratings.shape)

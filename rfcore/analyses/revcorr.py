@@ -178,7 +178,7 @@ class Revcorr(Analysis):
     arrays = tuple(REVCORR_ARRAYS.values())
     Options: ClassVar[type[Any]] = RevcorrOptions
     uses_model = True
-    order = 61
+    order = 81
 
     def plan(self, store: AtlasStore, opts: RevcorrOptions) -> list[Unit]:
         layers = atlas_layers(store, opts.layers)

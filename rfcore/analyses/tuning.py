@@ -228,7 +228,7 @@ class Tuning(Analysis):
     arrays = tuple(TUNING_ARRAYS.values())
     Options: ClassVar[type[Any]] = TuningOptions
     uses_model = True
-    order = 60
+    order = 80
 
     def plan(self, store: AtlasStore, opts: TuningOptions) -> list[Unit]:
         layers = atlas_layers(store, opts.layers)

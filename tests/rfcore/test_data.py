@@ -104,10 +104,11 @@ def test_synthetic_classes_differ_in_orientation_frequency_and_colour() -> None:
                 for ri, gi, bi in zip(r, g, b, strict=True)
             ]
         )
+        # (margins lower since issue 14: 1/f luminance textures, occluders and distractors dilute them)
         if cls.colour == "red-green":
-            assert rg < -0.3 and yb > -0.3, (cls.name, rg, yb)
+            assert rg < 0.0 and yb > 0.0, (cls.name, rg, yb)
         else:
-            assert rg > 0.3 and yb < -0.3, (cls.name, rg, yb)
+            assert rg > 0.0 and yb < 0.0, (cls.name, rg, yb)
 
 
 # ------------------------------------------------------------------------------------------ specs / errors
@@ -342,8 +343,10 @@ def test_ingest_round_trip_local_with_bad_files(folder: Path, tmp_path: Path) ->
 
 def test_ingest_memory_is_idempotent_and_chunked_reads_cross_chunks() -> None:
     url = "memory://rfatlas-test-ingest/syn.zarr"
-    ingest("synthetic:40", url, size=16, progress=False)
-    ingest("synthetic:30", url, size=16, progress=False)  # overwrites cleanly
+    ingest("synthetic:30", url, size=16, resize=20, progress=False)
+    ingest("synthetic:30", url, size=16, progress=False)  # same spec: overwrites cleanly
+    with pytest.raises(DataError, match="ingested from 'synthetic:30', not 'synthetic:40'; refusing"):
+        ingest("synthetic:40", url, size=16, progress=False)  # another spec: refused, nothing written
     fs = fsspec.filesystem("memory")
     stored = open_dataset(f"zarr:{url}", size=16)
     assert len(stored) == 30 and stored.num_classes == 10
