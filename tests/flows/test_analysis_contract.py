@@ -33,6 +33,8 @@ FAST: dict[str, dict[str, Any]] = {
     "selectivity": {"n_permutations": 50},
     "cluster": {"k_max": 4, "n_init": 1},
     "attribution": {"batch_size": 32},
+    "tuning": {"n_orientations": 4, "n_sfs": 3, "n_phases": 4},
+    "revcorr": {"num_images": 64, "batch_size": 32, "max_side": 4, "channels_per_unit": 8, "n_sfs": 3, "n_phases": 3},
 }
 #: One option whose change must be refused once results exist (None: the analysis stores no config).
 CHANGED: dict[str, dict[str, Any] | None] = {
@@ -43,6 +45,8 @@ CHANGED: dict[str, dict[str, Any] | None] = {
     "selectivity": {"seed": 1},
     "cluster": {"k_max": 3},
     "attribution": {"top_units": 3},
+    "tuning": {"cv_max": 0.5},
+    "revcorr": {"sigma": 0.3},
 }
 
 
