@@ -33,7 +33,8 @@ DEMO: dict[str, Any] = {
     "k": 16,
     "shard_size": 128,  # 4 shards: enough to show the fan-out
     "analyses": "all",  # every analysis that exists in this installation
-    "analysis_options": {},
+    # reverse correlation at a demo-sized sample (its default, 20,000 noise images, is for real runs)
+    "analysis_options": {"revcorr": {"num_images": 4000, "max_side": 8}},
     "workers": 2,  # Dask worker processes (× 1 torch thread each on 2 cores)
     "seed": 0,
 }
