@@ -1105,6 +1105,27 @@ class Atlas:
         return list(_attrs(zarr.open_group(self.store._store, mode="r", zarr_format=3)).get("skipped", []))
 
     @property
+    def classes(self) -> list[str]:
+        """Class names of the swept dataset (root attr `classes`; empty when unlabelled)."""
+        root = zarr.open_group(self.store._store, mode="r", zarr_format=3)
+        return [str(c) for c in _attrs(root).get("classes", [])]
+
+    def labels(self) -> np.ndarray:
+        """Class index of every image (int64, -1 = unlabelled or skipped); StoreError if the sweep
+        that made this atlas did not record labels."""
+        return self._image_array("images/label").astype(np.int64)
+
+    def paths(self) -> np.ndarray:
+        """File name (or `split[index]`) of every image, as str objects."""
+        return self._image_array("images/path").astype(object)
+
+    def _image_array(self, path: str) -> np.ndarray:
+        node = self.store.root.get(path)
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"atlas {redact(self.url)} has no {path}; sweep it again with this rfatlas")
+        return np.asarray(node[...])
+
+    @property
     def layers(self) -> list[str]:
         """Layer names in the stored order."""
         return self.store.layer_names
