@@ -573,7 +573,7 @@ def test_nan_activations_are_kept_out_of_the_statistics(tmp_path: Path) -> None:
     handle = model.conv1.register_forward_hook(poison)
     try:
         for shard in (0, 1):
-            sweep_shard(url, shard, model=model, dataset=ds, device="cpu", amp=False)
+            sweep_shard(url, shard, model=model, dataset=ds, device="cpu")
     finally:
         handle.remove()
     merge_layer(url, "conv1")
