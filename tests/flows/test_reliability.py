@@ -713,3 +713,24 @@ def test_kill9_of_a_cli_run_then_immediate_rerun_resumes(tmp_path: Path) -> None
     assert "is leased by" not in rerun.stderr and "resumed" in rerun.stdout
     assert verify_store(url) == [] and swept_before < 12
     assert time.monotonic() - t0 < 600
+
+
+def test_torchvision_weights_resolved_otherwise_are_refused() -> None:
+    """`DEFAULT` names whatever torchvision's newest weights are: the atlas records the resolved
+    member and file (`weights_version`), and a model that resolves to others is refused."""
+    import dataclasses
+
+    import torchvision
+
+    from rfcore.models import check_model_matches
+
+    member = torchvision.models.get_model_weights("resnet18")["DEFAULT"]
+    version = f"{member.name}:{str(member.url).rsplit('/', 1)[-1]}"
+    assert member.name != "DEFAULT" and version.endswith(".pth")
+    model = get_model("resnet10t")
+    model.rfatlas_meta = dataclasses.replace(model_meta(model), weights_version=version)  # type: ignore[assignment]
+    check_model_matches(model, {"weights": "DEFAULT", "weights_version": version})
+    with pytest.raises(
+        CheckpointError, match=rf"weights DEFAULT resolve to {member.name}.*made with IMAGENET1K_V0"
+    ):
+        check_model_matches(model, {"weights": "DEFAULT", "weights_version": "IMAGENET1K_V0:old.pth"})
