@@ -290,10 +290,11 @@ def parse_list(spec: str | Sequence[str] | None) -> list[str]:
 class LocalResources:
     """`Resources` for one process: the atlas's model and dataset, each loaded on first use."""
 
-    def __init__(self, run: Mapping[str, Any], device: str = "auto") -> None:
+    def __init__(self, run: Mapping[str, Any], device: str = "auto", *, labels: bool = False) -> None:
         from rfcore.models import select_device
 
         self._run = run
+        self._labels = labels  # labels in the model's classes (rfcore.data.ImageDataset.for_model)
         self.device = select_device(device)
         self._model: nn.Module | None = None
         self._dataset: ImageDataset | None = None
@@ -306,6 +307,9 @@ class LocalResources:
             model = get_model(
                 run["model"], weights=run.get("weights"), seed=int(run["config"].get("seed", 0))
             )
+            from rfcore.models import check_model_matches
+
+            check_model_matches(model, run)  # the weights the atlas was made with
             self._model = model.to(self.device).eval()
         return self._model
 
@@ -314,9 +318,15 @@ class LocalResources:
             from rfcore.data import open_dataset
 
             run = self._run
-            self._dataset = open_dataset(
+            ds = open_dataset(
                 run["dataset"], size=int(run["image_size"]), resize=run["preprocessing"].get("resize")
             )
+            from rfcore.data import check_data_matches
+
+            check_data_matches(ds, run)  # the data the atlas was made with
+            if self._labels and run.get("num_classes"):
+                ds = ds.for_model(int(run["num_classes"]))
+            self._dataset = ds
         return self._dataset
 
 
@@ -330,7 +340,11 @@ def run_local(
     a = get_analysis(name)
     opts = a.options(options)
     store = AtlasStore.open(url, "r+")
-    res = LocalResources(store.run, device)
+    if a.uses_labels:  # labels the model cannot have: refused before anything is written
+        from rfcore.data import check_run_labels
+
+        check_run_labels(store.run)
+    res = LocalResources(store.run, device, labels=a.uses_labels)
     units = a.plan(store, opts)
     for unit in units:
         a.run(store, unit, res)

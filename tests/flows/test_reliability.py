@@ -79,19 +79,25 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # --- one writer: the lease ------------------------------------------------------------------------
 _TAKER = textwrap.dedent(
     """
-    import os, sys, time
+    import glob, os, sys, time
     from rfcore.errors import StoreLockedError
     from rfcore.store import AtlasStore
-    url, ready, go, name = sys.argv[1:5]
+    url, ready, go, name, n = sys.argv[1:6]
     store = AtlasStore.open(url, "r+")
     open(ready, "w").close()
     while not os.path.exists(go):
         time.sleep(0.002)
     try:
-        with store.lease(name, ttl_s=30):
+        with store.lease(name, ttl_s=60):
+            open(ready + ".tried", "w").close()
             print("WIN", flush=True)
-            time.sleep(1.0)  # hold it while the others try
+            deadline = time.monotonic() + 60  # hold it until every other taker has tried
+            while len(glob.glob(os.path.join(os.path.dirname(ready), "*.tried"))) < int(n):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
     except StoreLockedError:
+        open(ready + ".tried", "w").close()
         print("LOST", flush=True)
     """
 )
@@ -109,7 +115,7 @@ def test_concurrent_lease_takers_exactly_one_wins(store_url: str, tmp_path: Path
         readies.append(ready)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", _TAKER, store_url, str(ready), str(go), f"taker-{i}"],
+                [sys.executable, "-c", _TAKER, store_url, str(ready), str(go), f"taker-{i}", "3"],
                 env=_env(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -141,24 +147,25 @@ def test_concurrent_takeover_of_an_expired_lease_has_one_winner(
     barrier = threading.Barrier(len(stores))
     wins: list[int] = []
     errors: list[BaseException] = []
-    release = threading.Event()
+    tried = threading.Semaphore(0)
 
     def take(i: int) -> None:
         barrier.wait()
         try:
-            with stores[i].lease(f"t{i}", ttl_s=30):
+            with stores[i].lease(f"t{i}", ttl_s=60):
                 wins.append(i)
-                release.wait(10)
+                tried.release()
+                for _ in range(len(stores)):  # hold it until every other taker has tried
+                    tried.acquire(timeout=30)
         except StoreLockedError:
-            pass
+            tried.release()
         except BaseException as e:  # anything else is a bug
             errors.append(e)
+            tried.release()
 
     threads = [threading.Thread(target=take, args=(i,)) for i in range(len(stores))]
     for t in threads:
         t.start()
-    time.sleep(1.5)
-    release.set()
     for t in threads:
         t.join(30)
     assert errors == [] and len(wins) == 1, (wins, errors)
@@ -566,7 +573,7 @@ def test_nan_activations_are_kept_out_of_the_statistics(tmp_path: Path) -> None:
     handle = model.conv1.register_forward_hook(poison)
     try:
         for shard in (0, 1):
-            sweep_shard(url, shard, model=model, dataset=ds, device="cpu", amp=False)
+            sweep_shard(url, shard, model=model, dataset=ds, device="cpu")
     finally:
         handle.remove()
     merge_layer(url, "conv1")
@@ -706,3 +713,24 @@ def test_kill9_of_a_cli_run_then_immediate_rerun_resumes(tmp_path: Path) -> None
     assert "is leased by" not in rerun.stderr and "resumed" in rerun.stdout
     assert verify_store(url) == [] and swept_before < 12
     assert time.monotonic() - t0 < 600
+
+
+def test_torchvision_weights_resolved_otherwise_are_refused() -> None:
+    """`DEFAULT` names whatever torchvision's newest weights are: the atlas records the resolved
+    member and file (`weights_version`), and a model that resolves to others is refused."""
+    import dataclasses
+
+    import torchvision
+
+    from rfcore.models import check_model_matches
+
+    member = torchvision.models.get_model_weights("resnet18")["DEFAULT"]
+    version = f"{member.name}:{str(member.url).rsplit('/', 1)[-1]}"
+    assert member.name != "DEFAULT" and version.endswith(".pth")
+    model = get_model("resnet10t")
+    model.rfatlas_meta = dataclasses.replace(model_meta(model), weights_version=version)  # type: ignore[assignment]
+    check_model_matches(model, {"weights": "DEFAULT", "weights_version": version})
+    with pytest.raises(
+        CheckpointError, match=rf"weights DEFAULT resolve to {member.name}.*made with IMAGENET1K_V0"
+    ):
+        check_model_matches(model, {"weights": "DEFAULT", "weights_version": "IMAGENET1K_V0:old.pth"})
