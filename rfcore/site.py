@@ -345,9 +345,9 @@ def _direct(name: str) -> bool:
     return name not in list_analyses()
 
 
-def _hook(analysis: Analysis, what: str, fn: Callable[[], Any]) -> Any:
+def _hook(analysis: Analysis, what: str, fn: Callable[..., Any], *args: Any) -> Any:
     try:
-        return fn()
+        return fn(*args)
     except Exception as exc:
         raise SiteError(f"analysis {analysis.name}: {what} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -384,6 +384,7 @@ def image_info(atlas: Atlas) -> ImageInfo:
     root = atlas.store.root
     labels, paths = _node(root, "images/label"), _node(root, "images/path")
     classes = root.attrs.get("classes") or atlas.run.get("classes") or []
+    classes = classes if isinstance(classes, list) else []
     return ImageInfo(
         None if labels is None else np.asarray(labels[...]),
         None if paths is None else np.asarray(paths[...]),
@@ -438,7 +439,7 @@ def _columns(atlas: Atlas, layer: AtlasLayer, channels: int) -> list[Column]:
         if node is not None:
             cols.append(Column("inactive", np.asarray(node[...], dtype=np.bool_), "inactive"))
     for a in registered():
-        got = _hook(a, f"channel_columns({layer.name})", lambda a=a: a.channel_columns(atlas, layer.name))
+        got = _hook(a, f"channel_columns({layer.name})", a.channel_columns, atlas, layer.name)
         for name, values in (got or {}).items():
             v = np.asarray(values)
             if v.shape != (channels,):
@@ -518,7 +519,7 @@ def _write_layer(ctx: _Ctx, name: str) -> dict[str, Any]:
     layer_assets = SiteAssets(out, directory)
     sections = []
     for a in registered():
-        s = _hook(a, f"report_layer({name})", lambda a=a: a.report_layer(atlas, name, layer_assets))
+        s = _hook(a, f"report_layer({name})", a.report_layer, atlas, name, layer_assets)
         if s is not None:
             sections.append(_section(s))
     maxima = next((c.values for c in cols if c.name == "max"), None)
@@ -741,8 +742,6 @@ def _channel_page(
             continue
         assert image is not None
         src = assets.image(key.replace("_", "-"), image, scale="unit")
-        if key == "actmax_channel":
-            thumb = src
         act = block.get(key + "_act", c) if key != "actmax_crop" else None
         cap = _e(title) + (f"<br>activation {_fmt(act)}" if act is not None and _finite(act) else "")
         am.append(f'<figure><img src="{src}" alt="{_e(title)}"><figcaption>{cap}</figcaption></figure>')
@@ -753,7 +752,7 @@ def _channel_page(
         parts.append(_virtual_section(ctx, vf, c, assets))
 
     for a in registered():
-        s = _hook(a, f"report_channel({name}, {c})", lambda a=a: a.report_channel(atlas, name, c, assets))
+        s = _hook(a, f"report_channel({name}, {c})", a.report_channel, atlas, name, c, assets)
         if s is not None:
             parts.append(_section(s))
 
@@ -842,8 +841,8 @@ def _virtual_section(ctx: _Ctx, vf: _Virtual, c: int, assets: SiteAssets) -> str
         if not ctx.out.has(rel):
             ctx.out.write(rel, vf.plot(coupling))
         figs.append(
-            '<figure><img class="plot" src="img/c%04d-coupling.png" alt="sorted coupling weights">'
-            "<figcaption>sorted coupling weights</figcaption></figure>" % c
+            f'<figure><img class="plot" src="img/c{c:04d}-coupling.png" alt="sorted coupling weights">'
+            "<figcaption>sorted coupling weights</figcaption></figure>"
         )
     links = ""
     if index is not None and vf.source in ctx.atlas.layers:
@@ -893,7 +892,7 @@ def write_atlas_index(atlas_url: str, out_url: str, slug: str, layers: Sequence[
     assets = SiteAssets(out, slug)
     sections = []
     for a in registered():
-        s = _hook(a, "report_index", lambda a=a: a.report_index(atlas, assets))
+        s = _hook(a, "report_index", a.report_index, atlas, assets)
         if s is not None:
             sections.append(_section(s))
     if _direct("noise"):
@@ -967,18 +966,16 @@ def write_compare(
         + (table or "<p>No noise results in these atlases.</p>")
     )
     head = ["layer"] + [
-        f'<a href="{s}/index.html">{_e(a.run.get("model"))}</a>' for s, a in zip(slugs, atlases)
+        f'<a href="{s}/index.html">{_e(a.run.get("model"))}</a>' for s, a in zip(slugs, atlases, strict=True)
     ]
     order: list[str] = []
     for layers in summaries:
-        for la in layers:
-            if la["name"] not in order:
-                order.append(la["name"])
+        order += [x["name"] for x in layers if x["name"] not in order]
     rows = []
     for name in order:
         row = [_e(name)]
-        for s, layers in zip(slugs, summaries):
-            la = next((x for x in layers if x["name"] == name), None)
+        for s, layers in zip(slugs, summaries, strict=True):
+            la: Mapping[str, Any] | None = next((x for x in layers if x["name"] == name), None)
             if la is None:
                 row.append("–")
                 continue
@@ -993,7 +990,7 @@ def write_compare(
     parts.append("<h2>Layers side by side</h2>" + _table(head, rows))
     sims = []
     assets = SiteAssets(out, "")
-    for s, a in zip(slugs, atlases):
+    for s, a in zip(slugs, atlases, strict=True):
         sim = _similarity(a, assets, s)
         if sim:
             sims.append(f"<h3>{_e(a.run.get('model'))}</h3>{sim}")
@@ -1014,7 +1011,7 @@ def write_root(
     out.write("site.css", CSS + "\n")
     out.write("site.js", JS + "\n")
     items = []
-    for url, slug, layers in zip(urls, slugs, summaries):
+    for url, slug, layers in zip(urls, slugs, summaries, strict=True):
         a = open_atlas(url)
         links = " ".join(f'<a href="{slug}/{_e(la["href"])}">{_e(la["name"])}</a>' for la in layers)
         channels = sum(int(la["channels"]) for la in layers)
@@ -1042,7 +1039,7 @@ def write_site(
     slugs = _slugs(urls)
     out = SiteOutput(out_url)
     summaries: list[list[dict[str, Any]]] = []
-    for url, slug, atlas in zip(urls, slugs, atlases):
+    for url, slug, atlas in zip(urls, slugs, atlases, strict=True):
         ctx = _Ctx(atlas, slug, out, image_info(atlas))
         names = [n for n in atlas.layers if layers is None or n in layers]
         summaries.append([_write_layer(ctx, n) for n in names])
@@ -1053,5 +1050,5 @@ def write_site(
     return {
         "index": out.href("index.html"),
         "seconds": time.perf_counter() - t0,
-        "layers": dict(zip(slugs, summaries)),
+        "layers": dict(zip(slugs, summaries, strict=True)),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -101,3 +102,9 @@ def make_tiny_atlas(url: str, *, labels: bool = True) -> dict[str, dict[str, np.
 def tiny_atlas(tmp_path: Path) -> tuple[str, dict[str, Any]]:
     url = str(tmp_path / "tiny.zarr")
     return url, make_tiny_atlas(url)
+
+
+@pytest.fixture
+def tiny_kit() -> SimpleNamespace:
+    """The tiny atlas's builder and constants (test modules cannot import conftest by name)."""
+    return SimpleNamespace(make=make_tiny_atlas, TINY=TINY, FLOW_RUN=FLOW_RUN)

@@ -1,0 +1,214 @@
+"""rfcore.site: the static atlas site shows exactly what the store holds, every link and image
+resolves, analyses' report hooks land on their pages, and any fsspec URL takes the output."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from rfcore import analysis
+from rfcore.analysis import Analysis, Section
+from rfcore.errors import StoreError
+from rfcore.site import SiteError, to_pixels, write_layer, write_site
+
+_REF = re.compile(r'(?:src|href)="([^"#]+)"')
+
+
+def _png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+
+
+def check_links(root: Path) -> int:
+    """Every src/href of every page points at an existing file; returns how many were checked."""
+    checked = 0
+    for page in root.rglob("*.html"):
+        for ref in _REF.findall(page.read_text()):
+            if "://" in ref:
+                continue
+            target = (page.parent / ref).resolve()
+            assert target.is_file(), f"{page.relative_to(root)} links to missing {ref}"
+            checked += 1
+    return checked
+
+
+def test_site_shows_the_stored_results(
+    tiny_atlas: tuple[str, dict[str, Any]], tiny_kit: Any, tmp_path: Path
+) -> None:
+    url, data = tiny_atlas
+    TINY, FLOW_RUN = tiny_kit.TINY, tiny_kit.FLOW_RUN
+    out = tmp_path / "site"
+    res = write_site([url], str(out))
+    assert res["index"] == str(out / "index.html")
+    assert check_links(out) > 100
+    index = (out / "index.html").read_text()
+    assert 'href="tiny/index.html"' in index and 'href="tiny/layer1.0/index.html"' in index
+    atlas_index = (out / "tiny" / "index.html").read_text()
+    assert "bad &lt;1&gt;.jpg" in atlas_index and "Skipped images (1)" in atlas_index
+    assert FLOW_RUN in atlas_index and "compare.html" not in index
+
+    # layer grid: one card per channel, the inactive badge, the stats as sort keys
+    grid = (out / "tiny" / "layer1.0" / "index.html").read_text()
+    cards = re.findall(r'<a class="card( inactive)?" href="c(\d{4}).html" data-channel="(\d+)"', grid)
+    assert [int(c[2]) for c in cards] == list(range(TINY["channels"]["layer1.0"]))
+    assert [c[0] for c in cards] == ["", " inactive", "", "", "", ""]
+    assert '<option value="max" selected>' in grid and '<option value="zero_fraction">' in grid
+    assert '"max":[' in grid
+
+    # channel pages: every stored hit as an exact PNG with its activation, image index, class and file
+    k = TINY["k"]
+    layer = data["layer1.0"]
+    for c in range(TINY["channels"]["layer1.0"]):
+        page = (out / "tiny" / "layer1.0" / f"c{c:04d}.html").read_text()
+        for j in range(k):
+            png = out / "tiny" / "layer1.0" / "img" / f"c{c:04d}-top{j:02d}.png"
+            idx = int(layer["topk/image"][c, j])
+            assert png.exists() == (idx >= 0)
+            if idx >= 0:
+                assert np.array_equal(_png(png), layer["topk/patch"][c, j])
+                assert f"image {idx}<br>{['cat', 'dog', 'fish'][idx % 3]}<br>img_{idx:03d}.png" in page
+                assert f"<b>{float(layer['topk/value'][c, j]):.4g}</b>" in page
+        assert f"c{c + 1:04d}.html" in page or c == TINY["channels"]["layer1.0"] - 1
+        assert 'href="index.html">back to the layer' in page and FLOW_RUN in page
+        assert "Virtual filter (through conv1)" in page and f"img/c{c:04d}-coupling.png" in page
+        mean = out / "tiny" / "layer1.0" / "img" / f"c{c:04d}-mean.png"
+        assert mean.exists() == (c != 1)  # channel 1 was never positive: no mean stimulus
+    c0 = (out / "tiny" / "layer1.0" / "c0000.html").read_text()
+    first = int(data["layer1.0"]["virtual_coupling_index"][0, 0])
+    assert f'href="../conv1/c{first:04d}.html">{first}</a>' in c0  # coupling links to the source channel
+    assert "<b>inactive</b></td><td>yes" in (out / "tiny" / "layer1.0" / "c0001.html").read_text()
+
+    # act-max images where rendered (unit scale), nothing for the channels that were not
+    conv = data["conv1"]
+    img = out / "tiny" / "conv1" / "img"
+    for c in range(TINY["channels"]["conv1"]):
+        page = (out / "tiny" / "conv1" / f"c{c:04d}.html").read_text()
+        assert ("Activation maximization" in page) == (c < 2)
+        assert (img / f"c{c:04d}-actmax-channel.png").exists() == (c < 2)
+    want = np.clip(np.rint(255.0 * conv["actmax/channel/image"][1].astype(np.float64)), 0, 255)
+    assert np.array_equal(_png(img / "c0001-actmax-channel.png"), want)
+    assert _png(img / "c0000-actmax-crop.png").shape == (3, 7, 7)
+    assert "Virtual filter" not in (out / "tiny" / "conv1" / "c0000.html").read_text()
+
+
+@dataclass(frozen=True)
+class _Opts:
+    pass
+
+
+class _Tuning(Analysis):
+    """A registered analysis with every report hook (as the tuning/selectivity analyses will have)."""
+
+    name: ClassVar[str] = "fake-tuning"
+    description: ClassVar[str] = "test"
+
+    def channel_columns(self, atlas: Any, layer: str) -> dict[str, np.ndarray]:
+        n = int(atlas.layer(layer).attrs["channels"])
+        return {"osi": np.linspace(0, 1, n), "orientation_selective": np.arange(n) % 2 == 0}
+
+    def report_channel(self, atlas: Any, layer: str, channel: int, assets: Any) -> Section | None:
+        if channel == 3:
+            return None
+        curve = assets.figure("tuning", lambda ax: ax.plot([0, 45, 90], [1, channel, 2]), size=(3, 2))
+        again = assets.figure("tuning", lambda ax: pytest.fail("drawn twice"))  # written once
+        image = assets.image("awa", np.full((3, 4, 4), 0.5), scale="unit")
+        return Section(
+            "Orientation tuning",
+            f'<img src="{curve}" alt="t"><img src="{again}" alt="t"><img src="{image}" alt="a">',
+        )
+
+    def report_layer(self, atlas: Any, layer: str, assets: Any) -> Section | None:
+        return Section(
+            "Tuning of the layer",
+            f'<img src="{assets.image("osi-map", np.zeros((8, 8)), scale="auto")}" alt="m">',
+        )
+
+    def report_index(self, atlas: Any, assets: Any) -> Section | None:
+        return Section("Tuning findings", "<p>fake finding 42</p>")
+
+
+def test_report_hooks_of_registered_analyses(
+    tiny_atlas: tuple[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, _ = tiny_atlas
+    monkeypatch.setitem(analysis.ANALYSES, "fake-tuning", _Tuning())
+    out = tmp_path / "site"
+    write_site(url, str(out))
+    check_links(out)
+    layer = out / "tiny" / "layer1.0"
+    grid = (layer / "index.html").read_text()
+    assert '<option value="osi">osi</option>' in grid and "Tuning of the layer" in grid
+    assert grid.count('<span class="badge orientation_selective">orientation selective</span>') == 3
+    assert '"osi":[0.0,0.2,' in grid
+    page = (layer / "c0002.html").read_text()
+    assert "<h2>Orientation tuning</h2>" in page and 'src="img/c0002-tuning.png"' in page
+    assert "<b>osi</b></td><td>0.4" in page and "<b>orientation selective</b></td><td>yes" in page
+    assert (layer / "img" / "c0002-tuning.png").exists() and (layer / "img" / "c0002-awa.png").exists()
+    assert "Orientation tuning" not in (layer / "c0003.html").read_text()
+    assert "fake finding 42" in (out / "tiny" / "index.html").read_text()
+    assert _png(layer / "img" / "c0000-awa.png").max() == 128
+
+
+def test_a_failing_hook_names_the_analysis(
+    tiny_atlas: tuple[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Broken(_Tuning):
+        name: ClassVar[str] = "broken"
+
+        def report_channel(self, atlas: Any, layer: str, channel: int, assets: Any) -> Section | None:
+            raise ValueError("boom")
+
+    monkeypatch.setitem(analysis.ANALYSES, "broken", Broken())
+    with pytest.raises(
+        SiteError, match=r"analysis broken: report_channel\(conv1, 0\) failed: ValueError: boom"
+    ):
+        write_site(tiny_atlas[0], str(tmp_path / "site"))
+
+
+def test_two_atlases_get_a_comparison_page_and_any_fsspec_url(tiny_kit: Any, tmp_path: Path) -> None:
+    a, b = str(tmp_path / "resnet.zarr"), str(tmp_path / "plain.zarr")
+    tiny_kit.make(a)
+    tiny_kit.make(b, labels=False)
+    res = write_site([a, b], "memory://site-test/out")
+    fs = fsspec.filesystem("memory")
+    assert res["index"] == "memory://site-test/out/index.html"
+    index = fs.cat_file("/site-test/out/index.html").decode()
+    assert (
+        'href="compare.html"' in index
+        and 'href="resnet/index.html"' in index
+        and 'href="plain/index.html"' in index
+    )
+    compare = fs.cat_file("/site-test/out/compare.html").decode()
+    assert "Layers side by side" in compare and "No noise results" in compare
+    assert compare.count('href="plain/layer1.0/index.html"') == 1
+    page = fs.cat_file("/site-test/out/plain/layer1.0/c0000.html").decode()
+    assert "img_0" not in page  # no labels/paths in that store: none shown
+    assert fs.exists("/site-test/out/plain/layer1.0/img/c0000-top00.png")
+    fs.rm("/site-test", recursive=True)
+
+
+def test_one_layer_at_a_time(tiny_atlas: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+    summary = write_layer(tiny_atlas[0], str(tmp_path / "site"), "layer1.0")
+    assert summary["name"] == "layer1.0" and summary["channels"] == 6 and summary["badges"] == {"inactive": 1}
+    assert (tmp_path / "site" / "tiny" / "layer1.0" / "c0005.html").exists()
+    assert not (tmp_path / "site" / "tiny" / "conv1").exists()
+
+
+def test_missing_store_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        write_site([str(tmp_path / "nope.zarr")], str(tmp_path / "out"))
+
+
+def test_pixel_scales() -> None:
+    assert to_pixels(np.array([[[-1.0, 0.0, 1.0]]]), "signed").tolist() == [[0, 128, 255]]
+    assert to_pixels(np.array([[2.0, 4.0, np.nan]]), "auto").tolist() == [[0, 255, 0]]
+    assert to_pixels(np.full((3, 1, 1), 0.5), "unit").shape == (1, 1, 3)
+    with pytest.raises(SiteError):
+        to_pixels(np.zeros((2, 2, 2)))
