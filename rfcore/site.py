@@ -214,6 +214,7 @@ figure img { image-rendering: pixelated; width: 112px; height: 112px; object-fit
 figure img.plot { image-rendering: auto; width: auto; height: auto; max-width: 420px; }
 figure figcaption { max-width: 112px; overflow-wrap: anywhere; color: var(--muted); }
 figure figcaption b { color: var(--fg); }
+figure img.plot + figcaption { max-width: none; }
 .layers a { margin-right: .6em; white-space: nowrap; }
 section.analysis { margin-top: 1em; }
 """.strip()
