@@ -1,4 +1,4 @@
-"""`rfatlas` command line: demo, run, train, ingest, rf, ls, verify (+ analysis commands of their modules).
+"""`rfatlas` command line: demo, run, train, ingest, rf, ls, verify, report, serve (+ analysis commands of their modules).
 
 Every bad input is one line on stderr (`rfatlas: error: ...`) and exit code 2, checked before Prefect or
 Dask start. Runs use the Prefect API in `PREFECT_API_URL`, or a temporary local one.
@@ -224,6 +224,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from rfcore.site import write_site
+
+    res = write_site([_out_url(u) for u in args.urls], _out_url(args.out))
+    n = sum(len(v) for v in res["layers"].values())
+    print(
+        f"wrote the site of {len(args.urls)} atlas(es), {n} layer pages, in {res['seconds']:.1f} s: {res['index']}"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+
+    return serve(args.site, port=args.port)
+
+
 # --- parser ---------------------------------------------------------------------------------------------
 def _positive(text: str) -> int:
     try:
@@ -325,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="schema and completeness check of an atlas (exit 1 on problems)")
     p.add_argument("url")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("report", help="write the browsable site of atlases (several: with a comparison page)")
+    p.add_argument("urls", nargs="+", metavar="URL", help="atlas URL(s)")
+    p.add_argument("--out", required=True, help="site directory or URL (s3://bucket/prefix works)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="serve a site on 127.0.0.1 for a quick look")
+    p.add_argument("site", help="site directory (or fsspec URL) written by `rfatlas report`")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.set_defaults(func=cmd_serve)
 
     from flows import actmax, noise  # the analyses bring their own commands
 
