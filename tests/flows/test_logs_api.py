@@ -1,0 +1,61 @@
+"""Monitoring: a quiet `rfatlas run` (no -v) against a real `prefect server` still sends the atlas
+flow's and its Dask tasks' INFO logs to the API (the UI's Logs tab), while the terminal shows no
+INFO log lines (only the progress bar and the summary)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.flows.test_deployment import REPO, Server, _tail, _wait_healthy, prefect_server  # noqa: F401
+
+pytestmark = [pytest.mark.integration]
+
+
+def _post(api: str, path: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(
+        f"{api}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_quiet_cli_run_logs_reach_the_api(prefect_server: Server, tmp_path: Path) -> None:  # noqa: F811
+    env = dict(prefect_server.env)
+    for key in ("PREFECT_LOGGING_LEVEL", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"):
+        env.pop(key, None)  # the CLI's own defaults, as a user gets them
+    api = env["PREFECT_API_URL"]
+    _wait_healthy(api, prefect_server.proc, prefect_server.log, timeout=120)
+    out = tmp_path / "atlas.zarr"
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--model", "resnet10t", "--data", "synthetic:8",
+           "--layers", "conv1", "--k", "2", "--shard-size", "8", "--batch-size", "8", "--workers", "1",
+           "--device", "cpu", "--out", str(out)]  # fmt: skip
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{_tail(prefect_server.log)}"
+    terminal = proc.stdout + proc.stderr
+    assert "swept 8 images" in proc.stdout
+    assert "| INFO " not in terminal, terminal[-2000:]  # no Prefect INFO lines on the console
+
+    runs = _post(api, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["atlas-resnet10t-synthetic:8"]}}})
+    assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED"
+    logs: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 20  # the API handler ships logs in batches
+    while time.monotonic() < deadline:
+        logs = _post(api, "/logs/filter", {"logs": {"flow_run_id": {"any_": [runs[0]["id"]]}}, "limit": 200})
+        if any(lg["task_run_id"] for lg in logs) and any("done in" in lg["message"] for lg in logs):
+            break
+        time.sleep(1)
+    flow_logs = [lg["message"] for lg in logs if not lg["task_run_id"] and lg["level"] == 20]
+    task_logs = [lg["message"] for lg in logs if lg["task_run_id"] and lg["level"] == 20]
+    assert any("task runner:" in m for m in flow_logs), flow_logs
+    assert any("done in" in m for m in flow_logs), flow_logs
+    assert any(m.startswith("merged conv1") for m in task_logs), task_logs  # from the Dask worker
+    print(f"quiet run + log check in {time.monotonic() - t0:.0f} s")
