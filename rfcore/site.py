@@ -921,6 +921,8 @@ def write_atlas_index(atlas_url: str, out_url: str, slug: str, layers: Sequence[
 
 
 def _noise_table(urls: Sequence[str]) -> str:
+    if not any(isinstance(open_atlas(u).store.root.get("noise"), zarr.Group) for u in urls):
+        return ""  # (and no torch import for rfcore.noise)
     from rfcore.noise import compare_table
 
     try:
