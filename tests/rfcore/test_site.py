@@ -212,3 +212,43 @@ def test_pixel_scales() -> None:
     assert to_pixels(np.full((3, 1, 1), 0.5), "unit").shape == (1, 1, 3)
     with pytest.raises(SiteError):
         to_pixels(np.zeros((2, 2, 2)))
+
+
+def test_real_atlas_with_actmax_and_noise(tmp_path: Path) -> None:
+    """A real atlas (sweep, act-max of two conv1 channels, noise test at maxpool): the channel pages
+    show each rendered act-max image as an exact PNG, the atlas index the paper's Table 1."""
+    from rfcore.actmax import actmax_block, plan_blocks, prepare_actmax, preset
+    from rfcore.data import open_dataset
+    from rfcore.models import get_model, select_device
+    from rfcore.noise import CONDITIONS, noise_shard, prepare_noise, summarize_store
+    from rfcore.pipeline import run_sweep
+    from rfcore.store import AtlasStore
+
+    url = str(tmp_path / "real.zarr")
+    run_sweep(url, model_name="resnet10t", data_spec="synthetic:8", layers="conv1,maxpool", k=2,
+              shard_size=8, batch_size=4, device="cpu", progress=False)  # fmt: skip
+    store, model = AtlasStore.open(url, "r+"), get_model("resnet10t")
+    for objective in ("channel", "neuron"):
+        prepare_actmax(
+            store, model, "conv1", objective, config=preset("kobayashi2020", steps=2), block_size=4
+        )
+        for block, chans in plan_blocks([0, 1], 4):
+            actmax_block(store, model, "conv1", objective, block, chans)
+    dataset = open_dataset("synthetic:8", size=64)
+    for cond, shard in prepare_noise(store, "maxpool", conditions=CONDITIONS, sigma=1.0, seed=0):
+        noise_shard(store, "maxpool", cond, shard, model=model, dataset=dataset, device=select_device("cpu"))
+    summarize_store(store, "maxpool", n_boot=50)
+
+    out = tmp_path / "site"
+    write_site([url], str(out))
+    check_links(out)
+    index = (out / "real" / "index.html").read_text()
+    assert "Table 1" in index and "<td>resnet10t</td><td>maxpool</td>" in index
+    image = np.asarray(store.root["layers/conv1/actmax/channel/image"][1], dtype=np.float64)
+    want = np.clip(np.rint(255.0 * image), 0, 255)
+    img = out / "real" / "conv1" / "img"
+    assert np.array_equal(_png(img / "c0001-actmax-channel.png"), want)
+    assert (img / "c0000-actmax-crop.png").exists() and (img / "c0000-actmax-neuron.png").exists()
+    assert not (img / "c0002-actmax-channel.png").exists()  # channel 2 was not rendered
+    assert "Activation maximization" in (out / "real" / "conv1" / "c0001.html").read_text()
+    assert "Activation maximization" not in (out / "real" / "maxpool" / "c0001.html").read_text()
