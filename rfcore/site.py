@@ -217,6 +217,8 @@ figure figcaption b { color: var(--fg); }
 figure img.plot + figcaption { max-width: none; }
 .layers a { margin-right: .6em; white-space: nowrap; }
 section.analysis { margin-top: 1em; }
+.glance { display: flex; flex-wrap: wrap; gap: 0 2.5em; align-items: flex-start; }
+.glance h2 { margin-top: .3em; }
 """.strip()
 
 JS = r"""
@@ -687,7 +689,8 @@ def _channel_page(
     """Write channel `c`'s page and images; returns the grid thumbnail's href (None if no image)."""
     atlas, name = ctx.atlas, layer.name
     rf = rf_attrs
-    parts: list[str] = []
+    parts: list[str] = []  # sections below the top row
+    glance: list[str] = []  # next to the facts: mean stimuli, act-max
     thumb: str | None = None
 
     # top-k patches
@@ -729,7 +732,7 @@ def _channel_page(
                 f"top-{int(ok.sum())} patches</figcaption></figure>"
             )
     if means:
-        parts.append("<h2>Mean stimuli</h2>" + "".join(means))
+        glance.append("<div><h2>Mean stimuli</h2>" + "".join(means) + "</div>")
 
     # act-max (until the act-max analysis renders itself)
     am = []
@@ -747,7 +750,7 @@ def _channel_page(
         cap = _e(title) + (f"<br>activation {_fmt(act)}" if act is not None and _finite(act) else "")
         am.append(f'<figure><img src="{src}" alt="{_e(title)}"><figcaption>{cap}</figcaption></figure>')
     if am:
-        parts.append("<h2>Activation maximization</h2>" + "".join(am))
+        glance.append("<div><h2>Activation maximization</h2>" + "".join(am) + "</div>")
 
     if vf is not None:
         parts.append(_virtual_section(ctx, vf, c, assets))
@@ -779,7 +782,8 @@ def _channel_page(
     fact_table = _table([], [[f"<b>{k}</b>", v] for k, v in facts])
 
     pager = _channel_nav(c, channels)
-    body = f"<h1>{_e(name)} · channel {c}</h1>{pager}{fact_table}" + "\n".join(parts) + pager
+    top_row = f'<div class="glance"><div>{fact_table}</div>{"".join(glance)}</div>'
+    body = f"<h1>{_e(name)} · channel {c}</h1>{pager}{top_row}" + "\n".join(parts) + pager
     page_crumbs = [*crumbs, (f"channel {c}", _chan_page(c))]
     ctx.out.write(
         f"{assets.dir}/{_chan_page(c)}",
