@@ -23,6 +23,7 @@ from prefect.logging import get_run_logger
 
 from flows.actmax import actmax_analysis
 from flows.lease import LEASE_TTL_S, lease_owner
+from flows.monitoring import record_flow_run
 from flows.noise import inactive_analysis, noise_analysis
 from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
@@ -190,6 +191,7 @@ def atlas(
     label = f"atlas-{model}-{data}"
     safe_url = redact(store_url)
     with store.lease(lease_owner(), ttl_s=LEASE_TTL_S):
+        record_flow_run(store)  # the site links each atlas to the run that made it
         n, total = plan["num_shards"], plan["num_images"]
         done = store.done_keys("sweep")
         pending = [s for s in range(n) if sweep_shard_key(s) not in done]

@@ -227,7 +227,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from rfcore.site import write_site
 
-    res = write_site([_out_url(u) for u in args.urls], _out_url(args.out))
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
+    res = write_site(
+        [_out_url(u) for u in args.urls], _out_url(args.out), layers=layers, workers=args.workers
+    )
     n = sum(len(v) for v in res["layers"].values())
     print(
         f"wrote the site of {len(args.urls)} atlas(es), {n} layer pages, in {res['seconds']:.1f} s: {res['index']}"
@@ -346,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the browsable site of atlases (several: with a comparison page)")
     p.add_argument("urls", nargs="+", metavar="URL", help="atlas URL(s)")
     p.add_argument("--out", required=True, help="site directory or URL (s3://bucket/prefix works)")
+    p.add_argument("--layers", default=None, help="only these layers: L1,L2,... (default: all)")
+    p.add_argument("--workers", type=_positive, default=1, help="processes writing layers in parallel")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("serve", help="serve a site on 127.0.0.1 for a quick look")

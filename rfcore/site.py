@@ -19,6 +19,7 @@ analyses, are rendered here directly.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import io
 import json
@@ -467,6 +468,7 @@ class _Ctx:
     slug: str
     out: SiteOutput
     info: ImageInfo
+    layers: tuple[str, ...] = ()  # the layers the site has (default: every layer of the atlas)
 
 
 def _layer_dir(slug: str, layer: str) -> str:
@@ -477,23 +479,27 @@ def _chan_page(c: int) -> str:
     return f"c{c:04d}.html"
 
 
-def write_layer(atlas_url: str, out_url: str, layer: str, *, slug: str | None = None) -> dict[str, Any]:
+def write_layer(
+    atlas_url: str, out_url: str, layer: str, *, slug: str | None = None, layers: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Write `layer`'s grid page, its channel pages and their images; returns a small summary
-    (for the index pages). Independent of the other layers: flows can run layers in parallel."""
+    (for the index pages). Independent of the other layers: flows can run layers in parallel.
+    `layers`: the layers the site has (previous/next links; default every layer of the atlas)."""
     atlas = open_atlas(atlas_url)
     out = SiteOutput(out_url)
     ctx = _Ctx(atlas, slug or atlas_slug(atlas_url), out, image_info(atlas))
-    return _write_layer(ctx, layer)
+    return _write_layer(ctx, layer, layers)
 
 
-def _write_layer(ctx: _Ctx, name: str) -> dict[str, Any]:
+def _write_layer(ctx: _Ctx, name: str, site_layers: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     atlas, out = ctx.atlas, ctx.out
     layer = atlas.layer(name)
     attrs = layer.attrs
     channels = int(attrs["channels"])
     directory = _layer_dir(ctx.slug, name)
-    names = atlas.layers
+    names = list(site_layers) if site_layers is not None else atlas.layers
+    ctx = dataclasses.replace(ctx, layers=tuple(names))
     i = names.index(name)
     crumbs = [(ctx.slug, "../index.html"), (name, "index.html")]
     rf = attrs.get("rf", {})
@@ -850,7 +856,7 @@ def _virtual_section(ctx: _Ctx, vf: _Virtual, c: int, assets: SiteAssets) -> str
             "<figcaption>sorted coupling weights</figcaption></figure>"
         )
     links = ""
-    if index is not None and vf.source in ctx.atlas.layers:
+    if index is not None and vf.source in ctx.layers:
         items = []
         for k in index[:8]:
             href = f"../{_slug(vf.source)}/{_chan_page(int(k))}"
@@ -1034,10 +1040,16 @@ def write_root(
 
 
 def write_site(
-    urls: Sequence[str] | str, out_url: str, *, layers: Sequence[str] | None = None
+    urls: Sequence[str] | str,
+    out_url: str,
+    *,
+    layers: Sequence[str] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Write the whole site of one or more atlases (a comparison page with two or more) under
-    `out_url`; returns {"index": URL of index.html, "seconds", "layers": {slug: [summary, ...]}}."""
+    `out_url`; returns {"index": URL of index.html, "seconds", "layers": {slug: [summary, ...]}}.
+
+    `layers` limits the pages to those layers; `workers` > 1 writes layers in that many processes."""
     urls = [urls] if isinstance(urls, str) else list(urls)
     if not urls:
         raise SiteError("no atlas to write a site for")
@@ -1045,12 +1057,25 @@ def write_site(
     atlases = [open_atlas(u) for u in urls]  # fail early on a bad URL
     slugs = _slugs(urls)
     out = SiteOutput(out_url)
-    summaries: list[list[dict[str, Any]]] = []
+    jobs = []
     for url, slug, atlas in zip(urls, slugs, atlases, strict=True):
-        ctx = _Ctx(atlas, slug, out, image_info(atlas))
         names = [n for n in atlas.layers if layers is None or n in layers]
-        summaries.append([_write_layer(ctx, n) for n in names])
-        write_atlas_index(url, out_url, slug, summaries[-1])
+        jobs += [(url, slug, n, tuple(names)) for n in names]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of zarr's event-loop threads
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            done = list(pool.map(_layer_job, [(u, out_url, sl, n, ls) for u, sl, n, ls in jobs]))
+    else:
+        contexts = {sl: _Ctx(a, sl, out, image_info(a)) for sl, a in zip(slugs, atlases, strict=True)}
+        done = [_write_layer(contexts[sl], n, ls) for _, sl, n, ls in jobs]
+    summaries: list[list[dict[str, Any]]] = [[] for _ in urls]
+    for (_, slug, _, _), summary in zip(jobs, done, strict=True):
+        summaries[slugs.index(slug)].append(summary)
+    for url, slug, layer_summaries in zip(urls, slugs, summaries, strict=True):
+        write_atlas_index(url, out_url, slug, layer_summaries)
     if len(urls) > 1:
         write_compare(urls, out_url, slugs, summaries)
     write_root(out_url, urls, slugs, summaries)
@@ -1059,3 +1084,8 @@ def write_site(
         "seconds": time.perf_counter() - t0,
         "layers": dict(zip(slugs, summaries, strict=True)),
     }
+
+
+def _layer_job(job: tuple[str, str, str, str, tuple[str, ...]]) -> dict[str, Any]:
+    url, out_url, slug, layer, names = job
+    return write_layer(url, out_url, layer, slug=slug, layers=names)

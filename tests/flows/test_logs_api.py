@@ -1,6 +1,6 @@
 """Monitoring: a quiet `rfatlas run` (no -v) against a real `prefect server` still sends the atlas
 flow's and its Dask tasks' INFO logs to the API (the UI's Logs tab), while the terminal shows no
-INFO log lines (only the progress bar and the summary)."""
+INFO log lines (only the progress bar and the summary); the store records the flow run's UI URL."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zarr
 
 from tests.flows.test_deployment import REPO, Server, _tail, _wait_healthy, prefect_server  # noqa: F401
 
@@ -58,4 +59,8 @@ def test_quiet_cli_run_logs_reach_the_api(prefect_server: Server, tmp_path: Path
     assert any("task runner:" in m for m in flow_logs), flow_logs
     assert any("done in" in m for m in flow_logs), flow_logs
     assert any(m.startswith("merged conv1") for m in task_logs), task_logs  # from the Dask worker
+
+    # the store names the run that made it (the site links to it)
+    root = zarr.open_group(str(out), mode="r")
+    assert str(root.attrs["prefect_flow_run_url"]).endswith(f"/flow-runs/flow-run/{runs[0]['id']}")
     print(f"quiet run + log check in {time.monotonic() - t0:.0f} s")

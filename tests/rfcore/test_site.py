@@ -252,3 +252,21 @@ def test_real_atlas_with_actmax_and_noise(tmp_path: Path) -> None:
     assert not (img / "c0002-actmax-channel.png").exists()  # channel 2 was not rendered
     assert "Activation maximization" in (out / "real" / "conv1" / "c0001.html").read_text()
     assert "Activation maximization" not in (out / "real" / "maxpool" / "c0001.html").read_text()
+
+
+def test_layers_subset_and_worker_processes(tiny_atlas: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+    """Only the chosen layers get pages and links (no link to a layer that was not written); worker
+    processes write the same pages as one process."""
+    url, _ = tiny_atlas
+    one = tmp_path / "one"
+    write_site([url], str(one), layers=["layer1.0"])
+    check_links(one)
+    assert not (one / "tiny" / "conv1").exists()
+    assert "../conv1/" not in (one / "tiny" / "layer1.0" / "c0000.html").read_text()
+    two = tmp_path / "two"
+    res = write_site([url], str(two), workers=2)
+    assert [s["name"] for s in res["layers"]["tiny"]] == ["conv1", "layer1.0"]
+    full = tmp_path / "full"
+    write_site([url], str(full))
+    for page in full.rglob("*.html"):
+        assert (two / page.relative_to(full)).read_text() == page.read_text(), page

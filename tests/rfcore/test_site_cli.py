@@ -20,7 +20,7 @@ def test_report_command_writes_the_site_and_a_comparison(tiny_kit: Any, tmp_path
     tiny_kit.make(str(a))
     tiny_kit.make(str(b))
     out = tmp_path / "site"
-    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    assert main(["report", str(a), str(b), "--out", str(out), "--workers", "2"]) == 0
     said = capsys.readouterr().out
     assert "wrote the site of 2 atlas(es), 4 layer pages" in said and str(out / "index.html") in said
     assert (out / "compare.html").exists() and (out / "plain" / "layer1.0" / "c0005.html").exists()
