@@ -5,17 +5,20 @@ INFO log lines (only the progress bar and the summary); the store records the fl
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zarr
 
-from tests.flows.test_deployment import REPO, Server, _tail, _wait_healthy, prefect_server  # noqa: F401
+from tests.conftest import free_port
+from tests.flows.test_deployment import PREFECT, REPO, Server, _spawn, _stop, _tail, _wait_healthy
 
 pytestmark = [pytest.mark.integration]
 
@@ -28,17 +31,43 @@ def _post(api: str, path: str, body: dict[str, Any]) -> Any:
         return json.loads(r.read())
 
 
-def test_quiet_cli_run_logs_reach_the_api(prefect_server: Server, tmp_path: Path) -> None:  # noqa: F811
+@pytest.fixture
+def api_server(tmp_path: Path) -> Iterator[Server]:
+    """A bare `prefect server start --no-services --no-ui` (the API alone: enough for runs and logs,
+    and quick to start) with its own PREFECT_HOME; stopped on teardown."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1",
+    )  # fmt: skip
+    for key in (
+        "PREFECT_API_KEY",
+        "PREFECT_PROFILE",
+        "PREFECT_LOGGING_LEVEL",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
+    ):
+        env.pop(key, None)  # the CLI's own logging defaults, as a user gets them
+    log = tmp_path / "server.log"
+    cmd = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-services", "--no-ui"]
+    proc = _spawn(cmd, env, log)
+    try:
+        yield Server(env, proc, log)
+    finally:
+        _stop(proc)
+
+
+def test_quiet_cli_run_logs_reach_the_api(api_server: Server, tmp_path: Path) -> None:
+    prefect_server = api_server
     env = dict(prefect_server.env)
-    for key in ("PREFECT_LOGGING_LEVEL", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"):
-        env.pop(key, None)  # the CLI's own defaults, as a user gets them
     api = env["PREFECT_API_URL"]
+    t0 = time.monotonic()
     _wait_healthy(api, prefect_server.proc, prefect_server.log, timeout=120)
+    started = time.monotonic() - t0
     out = tmp_path / "atlas.zarr"
     cmd = [sys.executable, "-m", "flows.cli", "run", "--model", "resnet10t", "--data", "synthetic:8",
            "--layers", "conv1", "--k", "2", "--shard-size", "8", "--batch-size", "8", "--workers", "1",
            "--device", "cpu", "--out", str(out)]  # fmt: skip
-    t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{_tail(prefect_server.log)}"
     terminal = proc.stdout + proc.stderr
@@ -63,4 +92,4 @@ def test_quiet_cli_run_logs_reach_the_api(prefect_server: Server, tmp_path: Path
     # the store names the run that made it (the site links to it)
     root = zarr.open_group(str(out), mode="r")
     assert str(root.attrs["prefect_flow_run_url"]).endswith(f"/flow-runs/flow-run/{runs[0]['id']}")
-    print(f"quiet run + log check in {time.monotonic() - t0:.0f} s")
+    print(f"API up in {started:.0f} s; quiet run + log check in {time.monotonic() - t0 - started:.0f} s")
