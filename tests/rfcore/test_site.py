@@ -3,6 +3,7 @@ resolves, analyses' report hooks land on their pages, and any fsspec URL takes t
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,3 +271,19 @@ def test_layers_subset_and_worker_processes(tiny_atlas: tuple[str, dict[str, Any
     write_site([url], str(full))
     for page in full.rglob("*.html"):
         assert (two / page.relative_to(full)).read_text() == page.read_text(), page
+
+
+def test_site_on_s3(tiny_atlas: tuple[str, dict[str, Any]], s3_bucket: str) -> None:
+    """`--out s3://...` (a real S3 API: moto_server): every page and image lands under the prefix."""
+    url, data = tiny_atlas
+    res = write_site([url], f"{s3_bucket}/sites/tiny")
+    assert res["index"] == f"{s3_bucket}/sites/tiny/index.html"
+    fs = fsspec.filesystem("s3")
+    root = f"{s3_bucket[len('s3://') :]}/sites/tiny"
+    keys = {k[len(root) + 1 :] for k in fs.find(root)}
+    assert {"index.html", "site.css", "site.js", "tiny/index.html", "tiny/layer1.0/c0005.html"} <= keys
+    png = fs.cat_file(f"{root}/tiny/layer1.0/img/c0000-top00.png")
+    with Image.open(io.BytesIO(png)) as im:
+        assert np.array_equal(
+            np.asarray(im.convert("RGB")).transpose(2, 0, 1), data["layer1.0"]["topk/patch"][0, 0]
+        )
