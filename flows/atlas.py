@@ -11,22 +11,22 @@ the same store refuses (`StoreLockedError`); the lease expires if this process d
 from __future__ import annotations
 
 import difflib
-import inspect
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from prefect import Flow, flow
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 
-from flows.actmax import actmax_analysis
+from flows.analysis import analysis
+from flows.failures import TaskFailedError
 from flows.lease import LEASE_TTL_S, lease_owner
 from flows.monitoring import record_flow_run
-from flows.noise import inactive_analysis, noise_analysis
 from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
+from rfcore.analysis import get_analysis, list_analyses, option_fields, options_config, parse_list
 from rfcore.data import SkippedImage
 from rfcore.errors import RfatlasError
 from rfcore.models import select_device
@@ -35,32 +35,41 @@ from rfcore.schema import sweep_shard_key
 from rfcore.store import AtlasStore, redact
 from tasks import atlas as T
 
-#: Analyses in the order they run; each but `sweep` runs as a subflow on the atlas store.
-ANALYSES: dict[str, Flow[..., Any] | None] = {
-    "sweep": None,
-    "inactive": inactive_analysis,
-    "noise": noise_analysis,
-    "actmax": actmax_analysis,
-}
-
 
 def parse_analyses(spec: str | Sequence[str] | None) -> list[str]:
-    """`"sweep,inactive"` / a list / `"all"` (every analysis that exists) → names in run order;
-    `sweep` is always included. RfatlasError for unknown or unavailable ones."""
-    if spec is None:
-        items = ["sweep"]
-    elif isinstance(spec, str):
-        items = [s.strip() for s in spec.split(",") if s.strip()]
-    else:
-        items = [str(s).strip() for s in spec]
+    """`"sweep,inactive"` / a list / `"all"` (every registered analysis) → names in run order, `sweep`
+    (always included) first. RfatlasError for an unknown one, with a close match."""
+    known = ["sweep", *list_analyses()]
+    items = parse_list(spec) or ["sweep"]
     if "all" in items:
-        return list(ANALYSES)
+        return known
     for name in items:
-        if name not in ANALYSES:
-            close = difflib.get_close_matches(name, list(ANALYSES), n=1)
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RfatlasError(f"unknown analysis {name!r}{hint} (known: {', '.join(ANALYSES)}, all)")
-    return [name for name in ANALYSES if name in items or name == "sweep"]
+            raise RfatlasError(f"unknown analysis {name!r}{hint} (known: {', '.join(known)}, all)")
+    return [name for name in known if name in items or name == "sweep"]
+
+
+def resolve_options(
+    names: Sequence[str], given: dict[str, dict[str, Any]] | None, seed: int
+) -> dict[str, dict[str, Any]]:
+    """The options of each analysis in `names`, validated (AnalysisError before anything runs); an
+    analysis with a `seed` option takes the run's seed unless given. Unknown analyses refused."""
+    given = dict(given or {})
+    stray = sorted(set(given) - set(names))
+    if stray:
+        raise RfatlasError(
+            f"options given for {', '.join(stray)}, which this run does not include (--analyses)"
+        )
+    out = {}
+    for name in names:
+        a = get_analysis(name)
+        values = dict(given.get(name, {}))
+        if "seed" in {f.name for f, _, _ in option_fields(a.Options)}:
+            values.setdefault("seed", seed)
+        out[name] = options_config(a.options(values))
+    return out
 
 
 def check_device(device: str, *, here: bool = True) -> str:
@@ -93,6 +102,7 @@ def check_inputs(
     seed: int = 0,
     batch_size: int = 64,
     patch_max: int = 64,
+    options: dict[str, dict[str, Any]] | None = None,
     remote: bool = False,
 ) -> dict[str, Any]:
     """Validate every input of an atlas run without Prefect or Dask (the CLI calls this first, so bad
@@ -102,6 +112,7 @@ def check_inputs(
     Returns the run plan."""
     check_device(device, here=not remote)
     names = parse_analyses(analyses)
+    resolve_options(names[1:], options, seed)
     if k < 1 or shard_size < 1 or batch_size < 1 or patch_max < 1:
         raise RfatlasError(
             f"--k, --shard-size, --batch-size and --patch-max must be >= 1 (got {k}, {shard_size}, {batch_size}, {patch_max})"
@@ -181,6 +192,7 @@ def atlas(
     log = get_run_logger()
     t0 = time.perf_counter()
     names = parse_analyses(analyses)
+    options = resolve_options(names[1:], analysis_options, seed)
     check_device(device, here=not _external_cluster(_current_runner()))
     plan = T.prepare_store(
         store_url, model=model, weights=weights, data=data, layers=layers, k=k,
@@ -240,7 +252,7 @@ def atlas(
             bad_input = [e for e in failed if isinstance(e, RfatlasError)]
             if bad_input:
                 raise bad_input[0]
-            raise RuntimeError(
+            raise TaskFailedError(
                 f"{len(failed)} of {len(futures)} shard(s) failed (rerun to resume; finished shards are kept): "
                 + "; ".join(f"{type(e).__name__}: {e}" for e in failed[:3])
             )
@@ -265,15 +277,13 @@ def atlas(
             channels += int(store.layer_group(L).attrs["channels"])
         analysis_results: dict[str, Any] = {}
         for name in names[1:]:
-            sub = ANALYSES[name]
-            assert sub is not None
-            kwargs = _subflow_kwargs(sub, device=device, seed=seed, **(analysis_options or {}).get(name, {}))
             emit(ProgressEvent("analysis", label, 0, 1, 0.0, None, {"analysis": name}))
             log.info("analysis %s on %s", name, safe_url)
             runner_for_sub = shared_runner()
-            if runner_for_sub is not None:
-                sub = sub.with_options(task_runner=runner_for_sub)
-            analysis_results[name] = _small(sub(store_url, **kwargs))
+            sub = (
+                analysis.with_options(task_runner=runner_for_sub) if runner_for_sub is not None else analysis
+            )
+            analysis_results[name] = _small(sub(name, store_url, options[name], device))
     wall = time.perf_counter() - t0
     summary = {
         "model": model,
@@ -338,14 +348,6 @@ def _artifact_key(text: str) -> str:
     import re
 
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:60] or "atlas"
-
-
-def _subflow_kwargs(sub: Any, **candidates: Any) -> dict[str, Any]:
-    """Only the keyword arguments the analysis subflow accepts (device/seed are common, not universal)."""
-    params = inspect.signature(sub.fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return candidates
-    return {k: v for k, v in candidates.items() if k in params}
 
 
 def _small(value: Any) -> Any:

@@ -72,11 +72,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, analyses=args.analyses, device=args.device, seed=args.seed,
         batch_size=args.batch_size, patch_max=args.patch_max,
     )  # fmt: skip
+    options = parse_option_args(args.option)
     if args.dask_address:
         check_dask_address(args.dask_address)
     runner = make_task_runner(args.workers, args.dask_address, device=args.device)
-    plan = check_inputs(**params, remote=bool(args.dask_address or os.environ.get(ADDRESS_ENV)))
+    plan = check_inputs(
+        **params, options=options, remote=bool(args.dask_address or os.environ.get(ADDRESS_ENV))
+    )
     params["analyses"] = plan["analyses"]
+    params["analysis_options"] = options
     print(
         f"rfatlas: {args.model} on {args.data}: {plan['num_images']} images, {plan['num_shards']} shard(s), "
         f"{len(plan['layers'])} layer(s) -> {redact(plan['store_url'])}",
@@ -244,6 +248,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.site, port=args.port)
 
 
+def cmd_analyses(args: argparse.Namespace) -> int:
+    from rfcore.analysis import get_analysis, list_analyses
+
+    for name in list_analyses():
+        a = get_analysis(name)
+        arrays = ", ".join(s.path for s in a.arrays) or "no arrays"
+        print(f"{name:<12} {a.description}; writes {arrays}")
+    return 0
+
+
+def parse_option_args(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """`["noise.sigma=2", ...]` -> {"noise": {"sigma": "2"}}; RfatlasError for a malformed item."""
+    from rfcore.errors import RfatlasError
+
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, option = key.partition(".")
+        if not (sep and dot and name and option):
+            raise RfatlasError(f"bad --option {item!r}; expected NAME.KEY=VALUE, e.g. noise.sigma=2")
+        out.setdefault(name, {})[option.replace("-", "_")] = value
+    return out
+
+
 # --- parser ---------------------------------------------------------------------------------------------
 def _positive(text: str) -> int:
     try:
@@ -298,7 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--workers", type=_positive, default=None, help="local Dask worker processes")
     g.add_argument("--dask-address", default=None, help="existing Dask scheduler, tcp://HOST:8786")
-    p.add_argument("--analyses", default="sweep", help="comma list: sweep,inactive,noise,actmax | all")
+    p.add_argument(
+        "--analyses", default="sweep", help="comma list of sweep and analyses (see `rfatlas analyses`) | all"
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="an analysis option, e.g. noise.sigma=2 (repeatable; see `rfatlas NAME --help`)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train a model; prints the checkpoint URL (the `train` flow)")
@@ -358,10 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.set_defaults(func=cmd_serve)
 
-    from flows import actmax, noise  # the analyses bring their own commands
+    p = sub.add_parser("analyses", help="the registered analyses, one a line: name, then what it writes")
+    p.set_defaults(func=cmd_analyses)
 
-    actmax.register_cli(sub)
-    noise.register_cli(sub)
+    from flows import analysis, compare  # every registered analysis brings its command
+
+    analysis.register_cli(sub)
+    compare.register_cli(sub)
     return parser
 
 

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from flows.atlas import atlas, parse_analyses
-from flows.noise import TABLE_TITLE, compare
+from flows.compare import TABLE_TITLE, compare
 from flows.progress import ProgressEvent, emit
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
 from rfcore.site import atlas_slug, write_site
@@ -110,7 +110,7 @@ def demo(
             "atlas_seconds": summary["wall_s"],
             "images_per_s": summary["images_per_s"],
             "notable": notable_units(store_url, val_data),
-            "inactive": inactive_counts(store_url) if "inactive" in names else None,
+            "findings": analysis_findings(store_url, names[1:]),
         }
         log.info("demo: %s done (%s)", m, store_url)
     site = _report([r["store"] for r in results["models"].values()], _join(base, "site"))
@@ -163,13 +163,13 @@ def notable_units(store_url: str, data: str, n: int = 3) -> list[dict[str, Any]]
     return rows[:n]
 
 
-def inactive_counts(store_url: str) -> dict[str, int]:
-    """{layer: number of inactive channels} for the layers the inactive analysis wrote."""
+def analysis_findings(store_url: str, names: list[str]) -> list[str]:
+    """Each analysis's one-line findings (with their numbers) on the atlas, in run order."""
+    from rfcore.analysis import get_analysis
     from rfcore.store import open_atlas
 
-    a = open_atlas(store_url)
-    layers = [a.layer(name) for name in a.layers]
-    return {la.name: int(la.array("inactive").sum()) for la in layers if "inactive" in la.group}
+    atlas = open_atlas(store_url)
+    return [line for name in names for line in get_analysis(name).findings(atlas)]
 
 
 def format_findings(results: dict[str, Any]) -> str:
@@ -189,9 +189,7 @@ def format_findings(results: dict[str, Any]) -> str:
                 f"  notable: {u['layer']} channel {u['channel']}: {u['agree']}/{u['k']} top images are "
                 f"'{u['class']}' (max {u['max']:.2f})"
             )
-        if r.get("inactive") is not None:
-            parts = [f"{k} {v}" for k, v in r["inactive"].items()]
-            lines.append(f"  inactive channels: {', '.join(parts) if parts else 'none recorded'}")
+        lines += [f"  {line}" for line in r.get("findings", [])]
         lines.append(f"  store:  {r['store']}")
         lines.append(f"  report: {r['report']}")
     if results.get("site"):

@@ -28,7 +28,7 @@ from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError, Unknown
 from rfcore.layers import capture, list_layers, model_lock, resolve_layers
 from rfcore.precision import autocast
 from rfcore.receptive import Box, receptive_fields, rf_box
-from rfcore.schema import spec
+from rfcore.schema import ArraySpec
 from rfcore.store import AtlasStore, redact
 
 OBJECTIVES = ("neuron", "channel")
@@ -38,6 +38,35 @@ CHANNELS_LAST = torch.channels_last
 # lucid's colour-correlation square root (ImageNet), columns normalized to a max norm of 1.
 _COLOR_SQRT = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], dtype=np.float32)
 _COLOR = _COLOR_SQRT / np.max(np.linalg.norm(_COLOR_SQRT, axis=0))
+
+
+def _spec(path: str, dims: tuple[str, ...], doc: str) -> ArraySpec:
+    return ArraySpec(
+        f"layers/{{layer}}/actmax/{path}", dims, "float32", math.nan, doc, scope="root", analysis="actmax"
+    )
+
+
+#: Root-scoped so that any layer of the model can be rendered, swept or not.
+ACTMAX_ARRAYS: dict[str, ArraySpec] = {
+    "image": _spec(
+        "{objective}/image",
+        ("channel", "color", "y", "x"),
+        "optimized input per channel, RGB display units ([0, 1]; pixel parameterization unclipped)",
+    ),
+    "activation": _spec(
+        "{objective}/activation",
+        ("channel",),
+        "objective (centre unit or map mean) of the final image, without penalty",
+    ),
+    "trace": _spec(
+        "{objective}/trace", ("channel", "step"), "objective at each optimization step (before its update)"
+    ),
+    "crop": _spec(
+        "neuron/crop",
+        ("channel", "color", "ry", "rx"),
+        "the image under the centre unit's receptive-field box; NaN outside the image",
+    ),
+}
 
 
 class ActmaxError(RfatlasError):
@@ -424,18 +453,28 @@ def prepare_actmax(
         attrs.update(position=list(position), rf_box=[box.y0, box.y1, box.x0, box.x1])
         rh, rw = box.y1 - box.y0, box.x1 - box.x0
         arrays.append(("crop", (c, 3, rh, rw), (1, 3, rh, rw)))
-    existing = store.root.get(f"layers/{name}/actmax/{objective}")
-    if isinstance(existing, zarr.Group) and existing.attrs and dict(existing.attrs) != attrs:
-        raise ConfigMismatchError(
-            f"{redact(store.url)} holds {objective} act-max results for {name} made with other settings; "
-            "use another --out"
-        )
+    path = f"layers/{name}/actmax/{objective}"
+    existing = store.root.get(path)
+    if isinstance(existing, zarr.Group) and "block_size" in existing.attrs:  # written before the registry
+        if dict(existing.attrs) != attrs:
+            raise ConfigMismatchError(
+                f"{redact(store.url)} holds {objective} act-max results for {name} made with other settings; "
+                "use another --out"
+            )
+    else:
+        store.require_group(path, config=attrs)
     for what, shape, chunks in arrays:
-        path = f"layers/{{layer}}/actmax/{'{objective}' if what != 'crop' else 'neuron'}/{what}"
         keys = {"objective": objective} if what != "crop" else {}
-        store.require_array(spec(path), shape, chunks, layer=name, **keys)
-    _group(store, name, objective).attrs.update(attrs)
+        store.require_array(ACTMAX_ARRAYS[what], shape, chunks, layer=name, **keys)
     return attrs
+
+
+def settings(store: AtlasStore, layer: str, objective: str) -> dict[str, Any]:
+    """The settings `prepare_actmax` recorded for (layer, objective) (also in stores written before
+    the analysis registry, which kept them at the top level of the group's attrs)."""
+    attrs = dict(_group(store, layer, objective).attrs)
+    out: dict[str, Any] = attrs if "block_size" in attrs else attrs["config"]
+    return out
 
 
 def write_actmax(store: AtlasStore, result: ActmaxResult) -> None:
@@ -449,27 +488,3 @@ def write_actmax(store: AtlasStore, result: ActmaxResult) -> None:
         arr = group[what]
         assert isinstance(arr, zarr.Array)
         arr.set_orthogonal_selection((rows,) + (slice(None),) * (data.dim() - 1), data.numpy())
-
-
-def actmax_block(
-    store: AtlasStore, model: nn.Module, layer: str, objective: str, block: int, channels: Sequence[int]
-) -> dict[str, Any]:
-    """Render one channel block with the settings `prepare_actmax` recorded, write it, and mark it
-    done when it covers its whole channel range (a done block is skipped)."""
-    key = block_key(layer, objective, block)
-    summary: dict[str, Any] = {
-        "layer": layer,
-        "objective": objective,
-        "block": block,
-        "channels": len(channels),
-    }
-    if store.is_done(key):
-        return {**summary, "skipped": True}
-    attrs: dict[str, Any] = dict(_group(store, layer, objective).attrs)
-    size = attrs["block_size"]
-    config = ActmaxConfig.from_dict(attrs["config"])
-    result = actmax(model, layer, channels, objective=objective, config=config, seed=int(attrs["seed"]))
-    write_actmax(store, result)
-    if sorted(channels) == list(range(block * size, min((block + 1) * size, int(attrs["channels"])))):
-        store.mark_done(key)
-    return {**summary, "skipped": False, "mean_activation": float(result.activation.mean())}

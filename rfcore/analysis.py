@@ -76,7 +76,9 @@ class Assets(Protocol):
     """Where report hooks put images: each call writes a file once and returns its relative URL."""
 
     def image(self, name: str, chw: np.ndarray, *, scale: str = "uint8") -> str: ...
-    def figure(self, name: str, draw: Callable[[Any], None], *, size: tuple[float, float] = (3, 3)) -> str: ...
+    def figure(
+        self, name: str, draw: Callable[[Any], None], *, size: tuple[float, float] = (3, 3)
+    ) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -248,10 +250,10 @@ def make_options(options_cls: type[Any], values: Mapping[str, Any], *, where: st
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(known), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise AnalysisError(f"{where} has no option {unknown[0]!r}{hint} (options: {', '.join(known) or 'none'})")
-    kwargs = {
-        k: _convert(v, known[k][1], known[k][2], f"{where} option {k}") for k, v in values.items()
-    }
+        raise AnalysisError(
+            f"{where} has no option {unknown[0]!r}{hint} (options: {', '.join(known) or 'none'})"
+        )
+    kwargs = {k: _convert(v, known[k][1], known[k][2], f"{where} option {k}") for k, v in values.items()}
     try:
         return options_cls(**kwargs)
     except RfatlasError as e:
@@ -283,3 +285,55 @@ def parse_list(spec: str | Sequence[str] | None) -> list[str]:
         return []
     items = spec.split(",") if isinstance(spec, str) else [str(s) for s in spec]
     return [s.strip() for s in items if s.strip()]
+
+
+class LocalResources:
+    """`Resources` for one process: the atlas's model and dataset, each loaded on first use."""
+
+    def __init__(self, run: Mapping[str, Any], device: str = "auto") -> None:
+        from rfcore.models import select_device
+
+        self._run = run
+        self.device = select_device(device)
+        self._model: nn.Module | None = None
+        self._dataset: ImageDataset | None = None
+
+    def model(self) -> nn.Module:
+        if self._model is None:
+            from rfcore.models import get_model
+
+            run = self._run
+            model = get_model(
+                run["model"], weights=run.get("weights"), seed=int(run["config"].get("seed", 0))
+            )
+            self._model = model.to(self.device).eval()
+        return self._model
+
+    def dataset(self) -> ImageDataset:
+        if self._dataset is None:
+            from rfcore.data import open_dataset
+
+            run = self._run
+            self._dataset = open_dataset(
+                run["dataset"], size=int(run["image_size"]), resize=run["preprocessing"].get("resize")
+            )
+        return self._dataset
+
+
+def run_local(
+    url: str, name: str, options: Mapping[str, Any] | None = None, device: str = "cpu"
+) -> dict[str, Any]:
+    """Run the analysis `name` on the atlas at `url` in this process, unit after unit, as the Prefect
+    flow does on a cluster (plan, run, mark, finish): for notebooks, tests and debugging."""
+    from rfcore.store import AtlasStore
+
+    a = get_analysis(name)
+    opts = a.options(options)
+    store = AtlasStore.open(url, "r+")
+    res = LocalResources(store.run, device)
+    units = a.plan(store, opts)
+    for unit in units:
+        a.run(store, unit, res)
+        if unit.complete:
+            store.mark_done(unit.key)
+    return {"units_run": len(units), **a.finish(store, opts)}

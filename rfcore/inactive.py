@@ -13,10 +13,18 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from rfcore.errors import DataError, StoreError, UnknownLayerError
-from rfcore.schema import spec
+from rfcore.layers import capture
+from rfcore.schema import ArraySpec
 from rfcore.store import Atlas, AtlasStore, redact
 
-INACTIVE_PATH = "inactive"
+INACTIVE_SPEC = ArraySpec(
+    "inactive",
+    ("channel",),
+    "bool",
+    False,
+    "channel never > threshold over all swept images (attrs: threshold, num_images, count)",
+    analysis="inactive",
+)
 
 
 class BatchLike(Protocol):
@@ -68,20 +76,13 @@ def channel_max(
 ) -> NDArray[np.float32]:
     """Per-channel max of `layer`'s output over every position of every image (no sweep needed)."""
     device = device or next(model.parameters()).device
-    target = module_at(model, layer)
+    module_at(model, layer)  # UnknownLayerError with a suggestion
     best: Tensor | None = None
-
-    def hook(_m: nn.Module, _i: Any, out: Tensor) -> None:
-        nonlocal best
-        m = out.detach().float().transpose(0, 1).flatten(1).amax(dim=1)
-        best = m if best is None else torch.maximum(best, m)
-
-    handle = target.register_forward_hook(hook)
-    try:
+    with capture(model, [layer], stop_early=True) as cap:
         for batch in batches:
-            model(normalize(batch.images.to(device, non_blocking=True)))
-    finally:
-        handle.remove()
+            out = cap.run(normalize(batch.images.to(device, non_blocking=True)))[layer]
+            m = out.detach().float().transpose(0, 1).flatten(1).amax(dim=1)
+            best = m if best is None else torch.maximum(best, m)
     if best is None:
         raise DataError("no images to measure channel maxima on")
     return np.asarray(best.cpu().numpy(), dtype=np.float32)
@@ -95,7 +96,7 @@ def write_inactive(store: AtlasStore, layer: str, threshold: float = 0.0) -> NDA
     if "max" not in group:
         raise StoreError(f"layer {layer} of {redact(store.url)} has no sweep statistics yet; sweep it first")
     inactive = detect_inactive(atlas.layer(layer).array("max"), threshold)
-    arr = store.require_array(spec(INACTIVE_PATH), inactive.shape, inactive.shape, layer=layer)
+    arr = store.require_array(INACTIVE_SPEC, inactive.shape, inactive.shape, layer=layer)
     arr[:] = inactive
     arr.attrs.update(
         threshold=float(threshold),
@@ -108,7 +109,7 @@ def write_inactive(store: AtlasStore, layer: str, threshold: float = 0.0) -> NDA
 def read_inactive(store: AtlasStore, layer: str) -> tuple[NDArray[np.bool_], dict[str, Any]]:
     """The stored inactive mask of `layer` and its attrs; StoreError if not detected yet."""
     group = Atlas(store).layer(layer).group
-    node = group.get(INACTIVE_PATH)
+    node = group.get(INACTIVE_SPEC.path)
     if not isinstance(node, zarr.Array):
         raise StoreError(
             f"layer {layer} of {redact(store.url)} has no inactive channels detected; run the inactive analysis"

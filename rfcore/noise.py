@@ -12,9 +12,7 @@ is the run's batch size; so results do not depend on sharding or on how batches 
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,12 +24,10 @@ import zarr
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from rfcore.data import ImageDataset, iter_batches, shard_ranges
-from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError
-from rfcore.inactive import BatchLike, module_at, read_inactive, write_inactive
-from rfcore.models import model_meta
+from rfcore.errors import RfatlasError, StoreError
+from rfcore.inactive import BatchLike, module_at
+from rfcore.layers import capture
 from rfcore.precision import autocast
-from rfcore.schema import spec
 from rfcore.store import AtlasStore, redact
 
 CONDITIONS: tuple[str, ...] = ("baseline", "all", "random-one", "control")
@@ -103,10 +99,8 @@ def block_channels(
 
 
 class NoiseInjector:
-    """Forward hook adding ε = max(σ·z, 0) to the chosen channels of a layer's output.
-
-    It acts only on forward passes of the thread that made it, so tasks sharing one cached model
-    in a thread pool do not see each other's noise."""
+    """Output edit (`capture(model, edit={layer: injector})`) adding ε = max(σ·z, 0) to the chosen
+    channels of a layer's output; `capture` scopes it to the thread running the forward pass."""
 
     def __init__(
         self, condition: str, inactive: NDArray[np.bool_], *, sigma: float, seed: int, block_size: int
@@ -121,7 +115,6 @@ class NoiseInjector:
         self.block_size = int(block_size)
         self._indices: Tensor | None = None
         self._channels: Tensor | None = None
-        self._thread = threading.get_ident()
 
     def set_batch(self, indices: Tensor, device: torch.device) -> None:
         """Dataset indices (host tensor) of the next forward pass, which runs on `device`."""
@@ -137,9 +130,7 @@ class NoiseInjector:
         self._indices = indices.to(device, non_blocking=True)
         self._channels = table.to(device, non_blocking=True)
 
-    def __call__(self, module: nn.Module, inputs: Any, out: Tensor) -> Tensor | None:
-        if threading.get_ident() != self._thread:
-            return None  # a forward of the same (shared, cached) model in another thread
+    def __call__(self, out: Tensor) -> Tensor:
         if self._indices is None or self._channels is None:
             raise RuntimeError("NoiseInjector.set_batch was not called before the forward pass")
         if out.shape[1] != len(self.inactive):
@@ -159,17 +150,10 @@ class NoiseInjector:
         return out.scatter_add(1, index, eps.to(out.dtype))
 
 
-@contextmanager
-def injected(model: nn.Module, layer: str, injector: NoiseInjector | None) -> Iterator[None]:
-    """Install `injector` as a forward hook on `layer` while active (no-op for None)."""
-    if injector is None:
-        yield
-        return
-    handle = module_at(model, layer).register_forward_hook(injector)
-    try:
-        yield
-    finally:
-        handle.remove()
+def injected(model: nn.Module, layer: str, injector: NoiseInjector | None) -> capture:
+    """The hook context that applies `injector` to `layer`'s output (nothing for None)."""
+    module_at(model, layer)  # UnknownLayerError with a suggestion
+    return capture(model, edit={layer: injector} if injector is not None else None)
 
 
 @dataclass(frozen=True)
@@ -289,14 +273,7 @@ def summarize(
     return out
 
 
-# --- storage-facing: used by tasks/noise.py, one (shard × condition) at a time -------------------------
-
-NOISE_FIELDS: tuple[str, ...] = ("loss", "correct1", "correct5")
-
-
-def shard_key(layer: str, condition: str, shard: int) -> str:
-    """Completion marker of one (shard × condition) evaluation."""
-    return f"noise/{layer}/{condition}/shard-{shard:04d}"
+# --- reading stored results ---------------------------------------------------------------------------
 
 
 def _attrs(node: zarr.Group | zarr.Array[Any]) -> dict[str, Any]:
@@ -304,7 +281,8 @@ def _attrs(node: zarr.Group | zarr.Array[Any]) -> dict[str, Any]:
     return out
 
 
-def _layer_group(store: AtlasStore, layer: str) -> zarr.Group:
+def layer_group(store: AtlasStore, layer: str) -> zarr.Group:
+    """The group `noise/<layer>`; StoreError if the noise analysis has not run there."""
     node = store.root.get(f"noise/{layer}")
     if not isinstance(node, zarr.Group):
         raise StoreError(
@@ -313,166 +291,12 @@ def _layer_group(store: AtlasStore, layer: str) -> zarr.Group:
     return node
 
 
-def _arrays(store: AtlasStore, layer: str, condition: str) -> dict[str, zarr.Array[Any]]:
-    n, shard_size = int(store.run["num_images"]), int(store.run["config"]["shard_size"])
-    return {
-        f: store.require_array(
-            spec(f"noise/{{layer}}/{{condition}}/{f}"), (n,), (shard_size,), layer=layer, condition=condition
-        )
-        for f in NOISE_FIELDS
-    }
-
-
-def prepare_noise(
-    store: AtlasStore,
-    layer: str,
-    *,
-    conditions: Iterable[str],
-    sigma: float,
-    seed: int,
-    threshold: float = 0.0,
-) -> list[tuple[str, int]]:
-    """Detect the inactive channels if not yet done at `threshold`, record the noise config in
-    `noise/<layer>` attrs, create the arrays; return the pending (condition, shard) pairs.
-    ConfigMismatchError (before anything is written) if earlier results used another config."""
-    conds = check_conditions(conditions)
-    node = store.root.get(f"noise/{layer}")
-    old = _attrs(node).get("config") if isinstance(node, zarr.Group) else None
-    config: dict[str, Any] = {
-        "sigma": float(sigma),
-        "seed": int(seed),
-        "threshold": float(threshold),
-        "block_size": int(store.run["config"]["batch_size"]),
-    }
-    try:
-        inactive, attrs = read_inactive(store, layer)
-        if float(attrs["threshold"]) != config["threshold"]:
-            raise LookupError
-    except (StoreError, LookupError):
-        _check_config(store, layer, old, config)
-        inactive = write_inactive(store, layer, threshold)
-    config["inactive"] = np.flatnonzero(inactive).tolist()
-    _check_config(store, layer, old, config)
-    group = store.root.require_group("noise").require_group(layer)
-    group.attrs["config"] = config
-    n_shards = store.num_shards
-    pending = []
-    for cond in conds:
-        _arrays(store, layer, cond)
-        done = store.done_keys(f"noise/{layer}/{cond}")
-        pending += [(cond, s) for s in range(n_shards) if shard_key(layer, cond, s) not in done]
-    return pending
-
-
-def _check_config(store: AtlasStore, layer: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
-    diff = [f"{k} {old.get(k)} -> {v}" for k, v in new.items() if old is not None and old.get(k) != v]
-    if diff:
-        raise ConfigMismatchError(
-            f"noise/{layer} in {redact(store.url)} was computed with another config "
-            f"({', '.join(diff)}); use another atlas"
-        )
-
-
-def noise_shard(
-    store: AtlasStore,
-    layer: str,
-    condition: str,
-    shard: int,
-    *,
-    model: nn.Module,
-    dataset: ImageDataset,
-    device: torch.device,
-    amp: bool = True,
-    num_workers: int = 0,
-) -> dict[str, Any]:
-    """Evaluate one shard under one condition (config from `prepare_noise`); write, then mark done."""
-    config = _attrs(_layer_group(store, layer))["config"]
-    inactive, _ = read_inactive(store, layer)
-    cfg = store.run["config"]
-    indices = shard_ranges(int(store.run["num_images"]), int(cfg["shard_size"]))[shard]
-    res = evaluate(
-        model,
-        layer,
-        iter_batches(
-            dataset,
-            indices,
-            int(cfg["batch_size"]),
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-        ),
-        condition=condition,
-        inactive=inactive,
-        normalize=model_meta(model).preprocessing.normalize,
-        block_size=int(config["block_size"]),
-        sigma=float(config["sigma"]),
-        seed=int(config["seed"]),
-        device=device,
-        amp=amp,
-    )
-    local = res.indices - indices.start
-    values: dict[str, NDArray[Any]] = {
-        "loss": np.full(len(indices), np.nan, np.float32),
-        "correct1": np.zeros(len(indices), bool),
-        "correct5": np.zeros(len(indices), bool),
-    }
-    values["loss"][local], values["correct1"][local], values["correct5"][local] = (
-        res.loss,
-        res.correct1,
-        res.correct5,
-    )
-    for field, arr in _arrays(store, layer, condition).items():
-        arr[indices.start : indices.stop] = values[field]
-    store.mark_done(shard_key(layer, condition, shard))
-    return {
-        "layer": layer,
-        "condition": condition,
-        "shard": shard,
-        "images": len(res.loss),
-        "loss_sum": math.fsum(res.loss.astype(np.float64).tolist()),
-        "correct1": int(res.correct1.sum()),
-        "correct5": int(res.correct5.sum()),
-    }
-
-
-def summarize_store(store: AtlasStore, layer: str, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Summarize every complete condition of `noise/<layer>` into its `summary` attr and return it."""
-    group = _layer_group(store, layer)
-    n_shards = store.num_shards
-    loss: dict[str, NDArray[np.float32]] = {}
-    c1: dict[str, NDArray[np.bool_]] = {}
-    c5: dict[str, NDArray[np.bool_]] = {}
-    for cond in CONDITIONS:
-        done = store.done_keys(f"noise/{layer}/{cond}")
-        if len(done) == 0:
-            continue
-        if len(done) < n_shards:
-            raise StoreError(
-                f"noise/{layer}/{cond} in {redact(store.url)} has {len(done)}/{n_shards} shards done"
-            )
-        arrs = _arrays(store, layer, cond)
-        loss[cond], c1[cond], c5[cond] = (np.asarray(arrs[f][...]) for f in NOISE_FIELDS)
-    config = dict(_attrs(group)["config"])
-    summary = {
-        "model": store.run["model"],
-        "weights": store.run.get("weights"),
-        "layer": layer,
-        "num_inactive": len(config["inactive"]),
-        **config,
-        "n_boot": n_boot,
-        "ci_level": 0.95,
-        "conditions": summarize(loss, c1, c5, n_boot=n_boot, seed=seed),
-    }
-    clean: dict[str, Any] = _jsonable(summary)
-    group.attrs["summary"] = clean
-    return clean
-
-
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """Plain JSON types; non-finite floats become None."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     return x
@@ -500,7 +324,7 @@ def compare_table(urls: Sequence[str]) -> str:
         store = AtlasStore.open(url, "r")
         noise = store.root.get("noise")
         layers = sorted(noise.group_keys()) if isinstance(noise, zarr.Group) else []
-        summaries = [s for s in (_attrs(_layer_group(store, la)).get("summary") for la in layers) if s]
+        summaries = [s for s in (_attrs(layer_group(store, la)).get("summary") for la in layers) if s]
         if not summaries:
             raise StoreError(f"{redact(url)} has no noise results; run the noise analysis first")
         for s in summaries:

@@ -1,7 +1,7 @@
 """The atlas layout: the single source of truth for every array, its dims, dtype and fill value.
 
-To add arrays for an analysis, append `ArraySpec`s to `ANALYSIS_ARRAYS` (section at the bottom)
-and regenerate the table in `docs/atlas-schema.md` with `schema_markdown()`.
+An analysis declares its own arrays (`Analysis.arrays` in `rfcore/analyses/`); `all_arrays()` collects
+them, and `python -m rfcore.schema` regenerates the table in `docs/atlas-schema.md`.
 """
 
 from __future__ import annotations
@@ -213,127 +213,28 @@ PARTIAL_ARRAYS: list[ArraySpec] = [
     ArraySpec("partial/position_count", ("shard",), "int64", 0, "positions seen per channel in the shard"),
 ]
 
-# --- Analyses: append your ArraySpecs here (set `analysis=`, and `scope="root"` for root arrays) ---
-ANALYSIS_ARRAYS: list[ArraySpec] = []
-
-# inactive channels and noise injection (rfcore.inactive, rfcore.noise)
-ANALYSIS_ARRAYS += [
-    ArraySpec(
-        "inactive",
-        ("channel",),
-        "bool",
-        False,
-        "channel never > threshold over all swept images (attrs: threshold, num_images, count)",
-        analysis="inactive",
-    ),
-    ArraySpec(
-        "noise/{layer}/{condition}/loss",
-        ("image",),
-        "float32",
-        _NAN,
-        "cross-entropy per image under the noise condition; NaN = skipped / not run",
-        scope="root",
-        analysis="noise",
-    ),
-    ArraySpec(
-        "noise/{layer}/{condition}/correct1",
-        ("image",),
-        "bool",
-        False,
-        "top-1 correct per image under the noise condition",
-        scope="root",
-        analysis="noise",
-    ),
-    ArraySpec(
-        "noise/{layer}/{condition}/correct5",
-        ("image",),
-        "bool",
-        False,
-        "top-5 correct per image under the noise condition",
-        scope="root",
-        analysis="noise",
-    ),
-]
-
-# activation maximization and virtual filters (rfcore.actmax, rfcore.virtual); root-scoped so that
-# any layer of the model can be rendered, swept or not (settings in the `actmax/<objective>` group attrs)
-ANALYSIS_ARRAYS += [
-    ArraySpec(
-        "layers/{layer}/actmax/{objective}/image",
-        ("channel", "color", "y", "x"),
-        "float32",
-        _NAN,
-        "optimized input per channel, RGB display units ([0, 1]; pixel parameterization unclipped)",
-        scope="root",
-        analysis="actmax",
-    ),
-    ArraySpec(
-        "layers/{layer}/actmax/{objective}/activation",
-        ("channel",),
-        "float32",
-        _NAN,
-        "objective (centre unit or map mean) of the final image, without penalty",
-        scope="root",
-        analysis="actmax",
-    ),
-    ArraySpec(
-        "layers/{layer}/actmax/{objective}/trace",
-        ("channel", "step"),
-        "float32",
-        _NAN,
-        "objective at each optimization step (before its update)",
-        scope="root",
-        analysis="actmax",
-    ),
-    ArraySpec(
-        "layers/{layer}/actmax/neuron/crop",
-        ("channel", "color", "ry", "rx"),
-        "float32",
-        _NAN,
-        "the image under the centre unit's receptive-field box; NaN outside the image",
-        scope="root",
-        analysis="actmax",
-    ),
-    ArraySpec(
-        "layers/{layer}/virtual_filter",
-        ("channel", "in_channel", "ky", "kx"),
-        "float32",
-        _NAN,
-        "virtual filter (eq. 3) through the source conv in attrs; ignores BN/ReLU/pooling between",
-        scope="root",
-        analysis="actmax",
-    ),
-    ArraySpec(
-        "layers/{layer}/virtual_coupling",
-        ("channel", "k"),
-        "float32",
-        _NAN,
-        "coupling weights W2[p,k,i~,j~] per channel, sorted descending (Fig. 3a)",
-        scope="root",
-        analysis="actmax",
-    ),
-    ArraySpec(
-        "layers/{layer}/virtual_coupling_index",
-        ("channel", "k"),
-        "int64",
-        -1,
-        "source channel k of each sorted coupling weight (Fig. 3b)",
-        scope="root",
-        analysis="actmax",
-    ),
-]
-
-ARRAYS: dict[str, ArraySpec] = {s.path: s for s in [*SWEEP_ARRAYS, *PARTIAL_ARRAYS, *ANALYSIS_ARRAYS]}
-if len(ARRAYS) != len(SWEEP_ARRAYS) + len(PARTIAL_ARRAYS) + len(ANALYSIS_ARRAYS):
+ARRAYS: dict[str, ArraySpec] = {s.path: s for s in [*SWEEP_ARRAYS, *PARTIAL_ARRAYS]}
+if len(ARRAYS) != len(SWEEP_ARRAYS) + len(PARTIAL_ARRAYS):
     raise RuntimeError("duplicate ArraySpec path in rfcore.schema")
 
 
 def spec(path: str) -> ArraySpec:
-    """The spec registered under `path` (the unresolved path, placeholders included)."""
+    """The sweep spec registered under `path` (the unresolved path, placeholders included)."""
     try:
         return ARRAYS[path]
     except KeyError:
         raise KeyError(f"no array {path!r} in the atlas schema") from None
+
+
+def all_arrays() -> list[ArraySpec]:
+    """The sweep's arrays, then every registered analysis's (`rfcore.analysis`), in run order."""
+    from rfcore.analysis import analysis_arrays
+
+    specs = [*ARRAYS.values(), *analysis_arrays()]
+    paths = [(s.scope, s.path) for s in specs]
+    if len(set(paths)) != len(paths):
+        raise RuntimeError("two analyses declare the same array path")
+    return specs
 
 
 def _fill_text(value: object) -> str:
@@ -355,7 +256,7 @@ def schema_markdown() -> str:
         "| scope | path | dims | dtype | fill | analysis | meaning |",
         "|---|---|---|---|---|---|---|",
     ]
-    for s in ARRAYS.values():
+    for s in all_arrays():
         where = "`layers/<layer>/`" if s.scope == "layer" else "`/`"
         dims = "(" + ", ".join(s.dims) + (",)" if len(s.dims) == 1 else ")")
         lines.append(

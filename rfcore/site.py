@@ -12,14 +12,14 @@ Layout under the output URL (a local directory or any fsspec URL, e.g. ``s3://bu
 Everything reads through :func:`rfcore.store.open_atlas`, one layer at a time and one channel block
 at a time (memory: one layer's per-channel summaries plus one block of images). `write_layer` is
 the unit of work (a flow can run layers in parallel); `write_site` does it all in order. Display
-only: nothing here computes an analysis. Analyses contribute through their report hooks
-(`rfcore.analysis`); the sweep's results, and act-max / inactive / noise until they are registered
-analyses, are rendered here directly.
+only: nothing here computes an analysis. The sweep's results (top-k, mean stimuli, statistics,
+receptive field) are rendered here; every registered analysis (`rfcore.analysis`) contributes through
+its report hooks: `report_index`, `report_layer`, `channel_columns` (sort keys; booleans are badges)
+and `report_channel`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import io
 import json
@@ -54,8 +54,6 @@ STATS = (
 )
 #: root attr where the atlas flow may record the Prefect flow run's UI URL
 FLOW_RUN_ATTR = "prefect_flow_run_url"
-#: analyses rendered here directly until they are registered analyses with report hooks
-DIRECT = ("actmax", "inactive", "noise")
 
 
 class SiteError(RfatlasError):
@@ -344,11 +342,6 @@ def registered() -> list[Analysis]:
     return [get_analysis(n) for n in list_analyses()]
 
 
-def _direct(name: str) -> bool:
-    """Whether `name`'s results are rendered here (it is not a registered analysis with hooks yet)."""
-    return name not in list_analyses()
-
-
 def _hook(analysis: Analysis, what: str, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
@@ -438,10 +431,6 @@ def _columns(atlas: Atlas, layer: AtlasLayer, channels: int) -> list[Column]:
         node = _node(layer.group, name)
         if node is not None:
             cols.append(Column(name, np.asarray(node[...]), "sweep"))
-    if _direct("inactive"):
-        node = _node(layer.group, "inactive")
-        if node is not None:
-            cols.append(Column("inactive", np.asarray(node[...], dtype=np.bool_), "inactive"))
     for a in registered():
         got = _hook(a, f"channel_columns({layer.name})", a.channel_columns, atlas, layer.name)
         for name, values in (got or {}).items():
@@ -468,7 +457,6 @@ class _Ctx:
     slug: str
     out: SiteOutput
     info: ImageInfo
-    layers: tuple[str, ...] = ()  # the layers the site has (default: every layer of the atlas)
 
 
 def _layer_dir(slug: str, layer: str) -> str:
@@ -499,7 +487,6 @@ def _write_layer(ctx: _Ctx, name: str, site_layers: Sequence[str] | None = None)
     channels = int(attrs["channels"])
     directory = _layer_dir(ctx.slug, name)
     names = list(site_layers) if site_layers is not None else atlas.layers
-    ctx = dataclasses.replace(ctx, layers=tuple(names))
     i = names.index(name)
     crumbs = [(ctx.slug, "../index.html"), (name, "index.html")]
     rf = attrs.get("rf", {})
@@ -545,14 +532,13 @@ def _write_layer(ctx: _Ctx, name: str, site_layers: Sequence[str] | None = None)
             0, f'<figure><img class="plot" src="{plot}" alt="histogram of channel maxima"></figure>'
         )
 
-    nodes = _image_nodes(layer)
-    vf = _virtual(layer)
+    nodes = {"patch": _node(layer.group, "topk/patch"), "mean": _node(layer.group, "mean_stimulus")}
     cards = []
     for start, stop in _blocks(channels, BLOCK):
         block = _Block(nodes, start, stop)
         for c in range(start, stop):
             assets = SiteAssets(out, directory, prefix=f"c{c:04d}-")
-            thumb = _channel_page(ctx, layer, c, channels, top, cols, block, vf, assets, crumbs, rf)
+            thumb = _channel_page(ctx, layer, c, channels, top, cols, block, assets, crumbs, rf)
             cards.append(_card(c, thumb, cols))
     for col in cols:
         if col.badge:
@@ -598,72 +584,6 @@ def _layer_nav(names: Sequence[str], i: int) -> str:
     return f'<nav class="pager">{prev}<a href="../index.html">all layers</a>{nxt}</nav>'
 
 
-def _image_nodes(layer: AtlasLayer) -> dict[str, zarr.Array[Any] | None]:
-    g = layer.group
-    nodes = {"patch": _node(g, "topk/patch"), "mean": _node(g, "mean_stimulus")}
-    if _direct("actmax"):
-        nodes.update(
-            actmax_channel=_node(g, "actmax/channel/image"),
-            actmax_neuron=_node(g, "actmax/neuron/image"),
-            actmax_crop=_node(g, "actmax/neuron/crop"),
-            actmax_channel_act=_node(g, "actmax/channel/activation"),
-            actmax_neuron_act=_node(g, "actmax/neuron/activation"),
-        )
-    return nodes
-
-
-class _Virtual:
-    """A layer's virtual filters; `plot` draws one channel's sorted coupling weights on one reused
-    matplotlib figure with the layer's y range (a fresh figure per channel costs 5-10x more)."""
-
-    def __init__(
-        self,
-        weight: zarr.Array[Any],
-        coupling: zarr.Array[Any] | None,
-        index: zarr.Array[Any] | None,
-        source: str,
-    ) -> None:
-        self.weight, self.coupling, self.index, self.source = weight, coupling, index, source
-        self._fig: Any = None
-        self._stairs: Any = None
-
-    def plot(self, values: np.ndarray) -> bytes:
-        if self._fig is None:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-
-            assert self.coupling is not None
-            allv = np.asarray(self.coupling[...], dtype=np.float64)
-            lo, hi = float(np.nanmin(allv)), float(np.nanmax(allv))
-            pad = 0.05 * (hi - lo if hi > lo else 1.0)
-            self._fig = Figure(figsize=(4, 2.4), dpi=80)
-            FigureCanvasAgg(self._fig)
-            self._fig.subplots_adjust(left=0.17, bottom=0.22, right=0.97, top=0.95)
-            ax = self._fig.add_subplot()
-            self._stairs = ax.stairs(np.zeros(allv.shape[1]), fill=True, color="#2f6fdb")
-            ax.set_xlim(0, allv.shape[1])
-            ax.set_ylim(min(0.0, lo - pad), hi + pad)
-            ax.axhline(0, color="#888", lw=0.6)
-            ax.set_xlabel(f"channels of {self.source}, sorted")
-            ax.set_ylabel("coupling weight")
-        self._stairs.set_data(np.nan_to_num(values))
-        buf = io.BytesIO()
-        self._fig.savefig(buf, format="png")
-        return buf.getvalue()
-
-
-def _virtual(layer: AtlasLayer) -> _Virtual | None:
-    if not _direct("actmax"):
-        return None
-    w = _node(layer.group, "virtual_filter")
-    if w is None:
-        return None
-    return _Virtual(
-        w, _node(layer.group, "virtual_coupling"), _node(layer.group, "virtual_coupling_index"),
-        str(w.attrs.get("source", "")),
-    )  # fmt: skip
-
-
 def _card(c: int, thumb: str | None, cols: Sequence[Column]) -> str:
     badges = [col.name for col in cols if col.badge and bool(col.values[c])]
     img = f'<img src="{thumb}" loading="lazy" alt="channel {c}">' if thumb else '<div class="noimg"></div>'
@@ -687,7 +607,6 @@ def _channel_page(
     top: Mapping[str, np.ndarray],
     cols: Sequence[Column],
     block: _Block,
-    vf: _Virtual | None,
     assets: SiteAssets,
     crumbs: Sequence[tuple[str, str]],
     rf_attrs: Mapping[str, Any],
@@ -696,7 +615,7 @@ def _channel_page(
     atlas, name = ctx.atlas, layer.name
     rf = rf_attrs
     parts: list[str] = []  # sections below the top row
-    glance: list[str] = []  # next to the facts: mean stimuli, act-max
+    glance: list[str] = []  # next to the facts: mean stimuli
     thumb: str | None = None
 
     # top-k patches
@@ -739,27 +658,6 @@ def _channel_page(
             )
     if means:
         glance.append("<div><h2>Mean stimuli</h2>" + "".join(means) + "</div>")
-
-    # act-max (until the act-max analysis renders itself)
-    am = []
-    for key, title in (
-        ("actmax_channel", "channel objective"),
-        ("actmax_neuron", "neuron objective"),
-        ("actmax_crop", "neuron objective, receptive field"),
-    ):
-        image = block.get(key, c)
-        if not _finite(image):
-            continue
-        assert image is not None
-        src = assets.image(key.replace("_", "-"), image, scale="unit")
-        act = block.get(key + "_act", c) if key != "actmax_crop" else None
-        cap = _e(title) + (f"<br>activation {_fmt(act)}" if act is not None and _finite(act) else "")
-        am.append(f'<figure><img src="{src}" alt="{_e(title)}"><figcaption>{cap}</figcaption></figure>')
-    if am:
-        glance.append("<div><h2>Activation maximization</h2>" + "".join(am) + "</div>")
-
-    if vf is not None:
-        parts.append(_virtual_section(ctx, vf, c, assets))
 
     for a in registered():
         s = _hook(a, f"report_channel({name}, {c})", a.report_channel, atlas, name, c, assets)
@@ -830,44 +728,6 @@ def _channel_nav(c: int, channels: int) -> str:
     return f'<nav class="pager">{prev}<a rel="up" href="index.html">back to the layer</a>{nxt}</nav>'
 
 
-def _virtual_section(ctx: _Ctx, vf: _Virtual, c: int, assets: SiteAssets) -> str:
-    w = np.asarray(vf.weight[c], dtype=np.float64)  # (in, ky, kx)
-    figs = []
-    if w.shape[0] == 3:
-        src = assets.image("virtual-filter", w, scale="signed")
-        figs.append(
-            f'<figure><img src="{src}" alt="virtual filter"><figcaption>virtual filter (RGB)</figcaption></figure>'
-        )
-    coupling = np.asarray(vf.coupling[c], dtype=np.float64) if vf.coupling is not None else None
-    index = np.asarray(vf.index[c]) if vf.index is not None else None
-    if w.shape[0] != 3:
-        order = index[:8] if index is not None else np.arange(min(8, w.shape[0]))
-        for k in order:
-            src = assets.image(f"virtual-filter-{int(k)}", w[int(k)], scale="signed")
-            figs.append(
-                f'<figure><img src="{src}" alt="kernel {int(k)}"><figcaption>from channel {int(k)}</figcaption></figure>'
-            )
-    if coupling is not None and np.isfinite(coupling).any():
-        rel = f"{assets.dir}/img/c{c:04d}-coupling.png"
-        if not ctx.out.has(rel):
-            ctx.out.write(rel, vf.plot(coupling))
-        figs.append(
-            f'<figure><img class="plot" src="img/c{c:04d}-coupling.png" alt="sorted coupling weights">'
-            "<figcaption>sorted coupling weights</figcaption></figure>"
-        )
-    links = ""
-    if index is not None and vf.source in ctx.layers:
-        items = []
-        for k in index[:8]:
-            href = f"../{_slug(vf.source)}/{_chan_page(int(k))}"
-            val = f" ({_fmt(coupling[list(index).index(k)])})" if coupling is not None else ""
-            items.append(f'<a href="{href}">{int(k)}</a>{val}')
-        links = f"<p>strongest source channels in {_e(vf.source)}: {', '.join(items)}</p>"
-    elif index is not None:
-        links = f"<p>strongest source channels in {_e(vf.source)}: {', '.join(str(int(k)) for k in index[:8])}</p>"
-    return f"<h2>Virtual filter (through {_e(vf.source)})</h2>" + "".join(figs) + links
-
-
 # --- atlas and site index, comparison ---------------------------------------------------------------
 def atlas_slug(url: str) -> str:
     """Directory name of an atlas in the site: its store's base name without `.zarr`."""
@@ -906,10 +766,6 @@ def write_atlas_index(atlas_url: str, out_url: str, slug: str, layers: Sequence[
         s = _hook(a, "report_index", a.report_index, atlas, assets)
         if s is not None:
             sections.append(_section(s))
-    if _direct("noise"):
-        table = _noise_table([atlas_url])
-        if table:
-            sections.append(f"<h2>Inactive channels and noise injection (Table 1)</h2>{table}")
     run_url = flow_run_url(atlas)
     skipped = atlas.skipped
     skipped_rows = [[str(int(s["index"])), _e(s["path"]), _e(s["reason"])] for s in skipped]

@@ -739,6 +739,10 @@ def describe_store(url: str, *, storage_options: Mapping[str, Any] | None = None
             f"{name:<{width}} {a['kind']:<6} {a['channels']:>8} {shape:>9} {rf:>8} {stride:>6}  "
             f"{'yes' if a.get('complete') else 'no'}"
         )
+    from rfcore.analysis import list_analyses
+
+    ran = [(name, len(atlas.store.done_keys(name))) for name in list_analyses()]
+    lines.append("analyses: " + (", ".join(f"{n} ({k} unit(s) done)" for n, k in ran if k) or "none run"))
     return "\n".join(lines)
 
 
@@ -782,4 +786,8 @@ def verify_store(url: str, *, storage_options: Mapping[str, Any] | None = None) 
             problems.append(f"layer {name}: missing array(s) {', '.join(absent)}")
         if attrs.get("complete") and "partial" in layer.group:
             problems.append(f"layer {name}: complete but partial/ state was not removed")
+    from rfcore.analysis import get_analysis, list_analyses
+
+    for analysis in list_analyses():
+        problems += get_analysis(analysis).verify(atlas.store)
     return problems

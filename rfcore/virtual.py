@@ -9,14 +9,45 @@ so a virtual filter is an approximation of what the unit sees, as the paper says
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from rfcore.errors import UnknownLayerError
-from rfcore.schema import spec
+from rfcore.schema import ArraySpec
 from rfcore.store import AtlasStore
+
+VIRTUAL_ARRAYS: dict[str, ArraySpec] = {
+    "virtual_filter": ArraySpec(
+        "layers/{layer}/virtual_filter",
+        ("channel", "in_channel", "ky", "kx"),
+        "float32",
+        math.nan,
+        "virtual filter (eq. 3) through the source conv in attrs; ignores BN/ReLU/pooling between",
+        scope="root",
+        analysis="virtual",
+    ),
+    "virtual_coupling": ArraySpec(
+        "layers/{layer}/virtual_coupling",
+        ("channel", "k"),
+        "float32",
+        math.nan,
+        "coupling weights W2[p,k,i~,j~] per channel, sorted descending (Fig. 3a)",
+        scope="root",
+        analysis="virtual",
+    ),
+    "virtual_coupling_index": ArraySpec(
+        "layers/{layer}/virtual_coupling_index",
+        ("channel", "k"),
+        "int64",
+        -1,
+        "source channel k of each sorted coupling weight (Fig. 3b)",
+        scope="root",
+        analysis="virtual",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -114,6 +145,6 @@ def write_virtual(store: AtlasStore, vf: VirtualFilter) -> None:
     }
     for name, data in arrays.items():
         shape = tuple(data.shape)
-        arr = store.require_array(spec(f"layers/{{layer}}/{name}"), shape, shape, layer=vf.layer)
-        arr[...] = data.numpy()
+        arr = store.require_array(VIRTUAL_ARRAYS[name], shape, shape, layer=vf.layer)
+        arr[...] = data.detach().cpu().numpy()
         arr.attrs.update({"layer": vf.layer, "source": vf.source})

@@ -63,3 +63,20 @@ def clear_caches() -> None:
     """Forget cached models and datasets (tests; a worker that must reload a checkpoint)."""
     _load_model.cache_clear()
     cached_dataset.cache_clear()
+
+
+class WorkerResources:
+    """`rfcore.analysis.Resources` of one atlas on this worker: its model and dataset, loaded once per
+    worker (the caches above), on the device that `device` selects here."""
+
+    def __init__(self, run: Mapping[str, Any], device: str) -> None:
+        self._run = run
+        self._device_spec = device
+        self.device = select_device(device)
+
+    def model(self) -> nn.Module:
+        return run_model(self._run, self._device_spec)
+
+    def dataset(self) -> ImageDataset:
+        run = self._run
+        return cached_dataset(run["dataset"], int(run["image_size"]), run["preprocessing"].get("resize"))

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from flows.atlas import ANALYSES, atlas, parse_analyses
+from flows.atlas import atlas, parse_analyses
+from rfcore.analysis import list_analyses
 from rfcore.errors import ConfigMismatchError, RfatlasError, StoreLockedError
 from rfcore.pipeline import run_sweep
 from rfcore.store import AtlasStore, open_atlas
@@ -105,7 +106,8 @@ def test_analyses_plug_in_as_subflows(dask_runner: Any, tmp_path: Path) -> None:
 def test_parse_analyses() -> None:
     assert parse_analyses("sweep") == ["sweep"]
     assert parse_analyses(None) == ["sweep"]
-    assert parse_analyses("all") == ["sweep", "inactive", "noise", "actmax"] == list(ANALYSES)
+    assert parse_analyses("all") == ["sweep", *list_analyses()]
+    assert list_analyses()[:4] == ["inactive", "noise", "actmax", "virtual"]
     with pytest.raises(RfatlasError, match="did you mean 'noise'"):
         parse_analyses("sweep,nois")
     assert parse_analyses(["actmax", "inactive"]) == ["sweep", "inactive", "actmax"]

@@ -196,14 +196,37 @@ def test_entry_point_runs_as_a_process(tmp_path: Path) -> None:
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("command", [["inactive"], ["noise", "--device", "cpu"]])
-def test_analysis_commands_respect_a_live_lease(
-    small_atlas: str, command: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    from rfcore.store import AtlasStore
+def test_analyses_command_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    from rfcore.analysis import get_analysis, list_analyses
 
-    with AtlasStore.open(small_atlas, "r+").lease("someone-else@elsewhere", ttl_s=30):
-        code = main([command[0], small_atlas, *command[1:]])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err and "someone-else@elsewhere" in err, err
-    assert "inactive" not in AtlasStore.open(small_atlas).layer_group("conv1")  # nothing was written
+    assert main(["analyses"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_analyses()
+    for line, name in zip(lines, list_analyses(), strict=True):
+        assert all(s.path in line for s in get_analysis(name).arrays)
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [(["noise.sigma"], "expected NAME.KEY=VALUE"), (["sigma=2"], "expected NAME.KEY=VALUE")],
+)
+def test_bad_option_flags_are_one_line_errors(
+    items: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["run", "--model", "resnet10t", "--data", "synthetic:8", "--out", str(tmp_path / "a.zarr")]
+    for item in items:
+        argv += ["--option", item]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_options_for_analyses_not_run_or_unknown_are_refused_before_any_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["run", "--model", "resnet10t", "--data", "synthetic:8", "--out", str(tmp_path / "a.zarr")]
+    assert main([*base, "--option", "noise.sigma=2"]) == 2
+    assert "does not include" in capsys.readouterr().err
+    assert main([*base, "--analyses", "noise", "--option", "noise.sigmaa=2"]) == 2
+    assert "did you mean 'sigma'" in capsys.readouterr().err
+    assert not (tmp_path / "a.zarr").exists()
+

@@ -1,4 +1,5 @@
-"""The inactive/noise subflows, tasks and `rfatlas compare` on tiny stores (Prefect test harness)."""
+"""The inactive and noise analyses through the generic subflow and task, and `rfatlas compare`, on tiny
+stores (Prefect test harness)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ import zarr
 from prefect.artifacts import create_markdown_artifact
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.noise import compare, inactive_analysis, noise_analysis, register_cli
+from flows.analysis import analysis
+from flows.compare import compare, register_cli
+from rfcore.analyses.noise import NOISE_FIELDS, shard_key
+from rfcore.analysis import Unit
 from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError
 from rfcore.inactive import read_inactive
 from rfcore.models import get_model, save_checkpoint
-from rfcore.noise import CONDITIONS, NOISE_FIELDS, shard_key
+from rfcore.noise import CONDITIONS
 from rfcore.pipeline import run_sweep
 from rfcore.store import AtlasStore
-from tasks.noise import noise_shard_task
+from tasks.analysis import run_unit
 
 DEAD = [2, 7, 11]
 N, BATCH = 48, 8
@@ -62,11 +66,13 @@ def per_image(url: str, cond: str) -> dict[str, np.ndarray]:
 
 def test_inactive_then_noise_flow_detects_stores_and_resumes(tmp_path: Path, checkpoint: str) -> None:
     url = make_store(str(tmp_path / "a.zarr"), checkpoint, shard_size=16)
-    assert inactive_analysis(url) == {"threshold": 0.0, "inactive": {"maxpool": DEAD}}
-    assert list(inactive_analysis(url, layer="all")["inactive"]) == ["maxpool", "layer1.0"]
+    found = analysis("inactive", url, {}, "cpu")
+    assert found == {"units_run": 1, "threshold": 0.0, "inactive": {"maxpool": DEAD}}
+    assert list(analysis("inactive", url, {"layers": "all"}, "cpu")["inactive"]) == ["maxpool", "layer1.0"]
     got, attrs = read_inactive(AtlasStore.open(url, "r"), "maxpool")
     assert np.flatnonzero(got).tolist() == DEAD and attrs == {"threshold": 0.0, "num_images": N, "count": 3}
-    summary = noise_analysis(url, device="cpu")
+    summary = analysis("noise", url, {}, "cpu")
+    assert summary.pop("units_run") == 12
     assert summary["num_inactive"] == 3 and summary["inactive"] == DEAD and summary["layer"] == "maxpool"
     conds = summary["conditions"]
     assert set(conds) == set(CONDITIONS) and all(c["images"] == N for c in conds.values())
@@ -83,34 +89,37 @@ def test_inactive_then_noise_flow_detects_stores_and_resumes(tmp_path: Path, che
     assert stored == summary
     # resume: nothing left to do, same answer
     before = per_image(url, "all")
-    assert noise_analysis(url, device="cpu") == summary
+    assert analysis("noise", url, {}, "cpu") == {"units_run": 0, **summary}
     assert per_image(url, "all")["loss"].tobytes() == before["loss"].tobytes()
     with pytest.raises(ConfigMismatchError, match=r"sigma 1\.0 -> 2\.0"):
-        noise_analysis(url, sigma=2.0, device="cpu")
-    with pytest.raises(ConfigMismatchError, match=r"threshold 0\.0 -> 0\.5"):
-        noise_analysis(url, threshold=0.5, device="cpu")
+        analysis("noise", url, {"sigma": 2.0}, "cpu")
+    with pytest.raises(ConfigMismatchError, match=r"detected at threshold 0\.0, not 0\.5"):
+        analysis("noise", url, {"threshold": 0.5}, "cpu")
     assert read_inactive(AtlasStore.open(url, "r"), "maxpool")[1]["threshold"] == 0.0  # left as it was
 
 
 def test_shards_merged_equal_one_pass(tmp_path: Path, checkpoint: str) -> None:
     sharded = make_store(str(tmp_path / "sharded.zarr"), checkpoint, shard_size=16)
     whole = make_store(str(tmp_path / "whole.zarr"), checkpoint, shard_size=48)
-    a = noise_analysis(sharded, device="cpu", seed=4)
-    b = noise_analysis(whole, device="cpu", seed=4)
+    a = analysis("noise", sharded, {"seed": 4}, "cpu")
+    b = analysis("noise", whole, {"seed": 4}, "cpu")
     for cond in CONDITIONS:
         x, y = per_image(sharded, cond), per_image(whole, cond)
         assert all(x[f].tobytes() == y[f].tobytes() for f in NOISE_FIELDS)
-    assert a["conditions"] == b["conditions"]
+    assert a["conditions"] == b["conditions"] and (a["units_run"], b["units_run"]) == (12, 4)
 
 
 def test_task_fn_evaluates_one_shard(tmp_path: Path, checkpoint: str) -> None:
     url = make_store(str(tmp_path / "t.zarr"), checkpoint, shard_size=16)
-    inactive_analysis(url)
+    unit = Unit(shard_key("maxpool", "baseline", 1), "maxpool", {"condition": "baseline", "shard": 1})
     with pytest.raises(StoreError, match="no noise results"):
-        noise_shard_task.fn(url, "maxpool", "all", 1, 3, "cpu")
-    noise_analysis(url, conditions=["baseline"], device="cpu")
-    out = noise_shard_task.fn(url, "maxpool", "baseline", 1, 3, "cpu")
+        run_unit.fn("noise", url, unit, "cpu")
+    analysis("noise", url, {"conditions": "baseline"}, "cpu")
+    assert run_unit.fn("noise", url, unit, "cpu") == {"key": unit.key, "cached": True}
+    AtlasStore.open(url, "r+")._objects.delete(f"_state/done/{unit.key}")
+    out = run_unit.fn("noise", url, unit, "cpu")
     assert out["images"] == 16 and out["condition"] == "baseline" and out["shard"] == 1
+    assert AtlasStore.open(url).is_done(unit.key)
     loss = per_image(url, "baseline")["loss"]
     assert np.isclose(out["loss_sum"], float(loss[16:32].astype(np.float64).sum()))
 
@@ -120,15 +129,15 @@ def test_compare_flow_cli_and_errors(
 ) -> None:
     res = make_store(str(tmp_path / "res.zarr"), checkpoint, shard_size=48)
     plain = make_store(str(tmp_path / "plain.zarr"), None, shard_size=48, model_name="plainnet10t")
-    noise_analysis(res, device="cpu")
-    noise_analysis(plain, device="cpu")
+    analysis("noise", res, {}, "cpu")
+    analysis("noise", plain, {}, "cpu")
     recorded: list[dict[str, Any]] = []
 
     def spy(**kw: Any) -> Any:
         recorded.append(kw)
         return create_markdown_artifact(**kw)
 
-    monkeypatch.setattr("flows.noise.create_markdown_artifact", spy)
+    monkeypatch.setattr("flows.compare.create_markdown_artifact", spy)
     table = compare([res, plain])
     lines = table.splitlines()
     assert lines[0].startswith("| model | layer | # inactive | ΔL") and len(lines) == 4
@@ -149,4 +158,4 @@ def test_compare_flow_cli_and_errors(
     with pytest.raises(StoreError, match="no noise results"):
         compare([empty])
     with pytest.raises(RfatlasError, match="unknown noise condition 'al'"):
-        noise_analysis(empty, conditions=["al"])
+        analysis("noise", empty, {"conditions": ["al"]}, "cpu")

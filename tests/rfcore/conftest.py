@@ -9,9 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from rfcore.actmax import ACTMAX_ARRAYS
 from rfcore.data import SkippedImage
+from rfcore.inactive import INACTIVE_SPEC
 from rfcore.schema import SWEEP_ARRAYS, LayerAttrs, RunAttrs, spec
 from rfcore.store import AtlasStore
+from rfcore.virtual import VIRTUAL_ARRAYS
 
 TINY = {"channels": {"conv1": 4, "layer1.0": 6}, "k": 3, "patch": 5, "images": 12}
 RF = {"size": [7, 7], "stride": [2, 2], "offset": [0.0, 0.0]}
@@ -51,7 +54,8 @@ def make_tiny_atlas(url: str, *, labels: bool = True) -> dict[str, dict[str, np.
             data["mean_stimulus"][1] = np.nan
             data["inactive"] = np.arange(c) == 1
         for path, values in data.items():
-            store.require_array(spec(path), values.shape, values.shape, layer=name)[...] = values
+            s = INACTIVE_SPEC if path == "inactive" else spec(path)
+            store.require_array(s, values.shape, values.shape, layer=name)[...] = values
         store.set_layer_attrs(name, complete=True)
         written[name] = data
     # act-max images of conv1 (channels 0, 1 rendered; 2, 3 not) in [0, 1]
@@ -59,16 +63,13 @@ def make_tiny_atlas(url: str, *, labels: bool = True) -> dict[str, dict[str, np.
     for objective in ("channel", "neuron"):
         image = np.full((c, 3, 16, 16), np.nan, dtype=np.float32)
         image[:2] = rng.random((2, 3, 16, 16))
-        path = "layers/{layer}/actmax/{objective}/image"
-        store.require_array(spec(path), image.shape, image.shape, layer="conv1", objective=objective)[...] = (
-            image
-        )
+        store.require_array(
+            ACTMAX_ARRAYS["image"], image.shape, image.shape, layer="conv1", objective=objective
+        )[...] = image
         written["conv1"][f"actmax/{objective}/image"] = image
     crop = np.full((c, 3, 7, 7), np.nan, dtype=np.float32)
     crop[:2] = rng.random((2, 3, 7, 7))
-    store.require_array(spec("layers/{layer}/actmax/neuron/crop"), crop.shape, crop.shape, layer="conv1")[
-        ...
-    ] = crop
+    store.require_array(ACTMAX_ARRAYS["crop"], crop.shape, crop.shape, layer="conv1")[...] = crop
     written["conv1"]["actmax/neuron/crop"] = crop
     # virtual filter of layer1.0 through conv1
     c2, c1 = TINY["channels"]["layer1.0"], TINY["channels"]["conv1"]
@@ -80,9 +81,7 @@ def make_tiny_atlas(url: str, *, labels: bool = True) -> dict[str, dict[str, np.
         ("virtual_coupling", coupling),
         ("virtual_coupling_index", index),
     ):
-        arr = store.require_array(
-            spec(f"layers/{{layer}}/{nm}"), values.shape, values.shape, layer="layer1.0"
-        )
+        arr = store.require_array(VIRTUAL_ARRAYS[nm], values.shape, values.shape, layer="layer1.0")
         arr[...] = values
         arr.attrs.update({"layer": "layer1.0", "source": "conv1"})
         written["layer1.0"][nm] = values

@@ -20,6 +20,7 @@ from rfcore.noise import (
     check_conditions,
     evaluate,
     image_normal,
+    injected,
     summarize,
 )
 
@@ -151,7 +152,7 @@ def test_injector_noises_exactly_the_chosen_channels() -> None:
     inj = NoiseInjector("all", dead_mask(), sigma=1.0, seed=0, block_size=4)
     out = torch.zeros(4, CHANNELS, 5, 5)
     inj.set_batch(torch.arange(4), torch.device("cpu"))
-    noisy = inj(nn.Identity(), (), out)
+    noisy = inj(out)
     assert noisy is not None
     touched = (noisy != 0).flatten(2).any(dim=2).any(dim=0)
     assert touched.tolist() == dead_mask().tolist()
@@ -166,7 +167,7 @@ def test_random_conditions_noise_one_draw_per_block(condition: str) -> None:
     inj = NoiseInjector(condition, dead_mask(), sigma=1.0, seed=3, block_size=4)
     out = torch.zeros(12, CHANNELS, 5, 5)
     inj.set_batch(torch.arange(12), torch.device("cpu"))
-    noisy = inj(nn.Identity(), (), out)
+    noisy = inj(out)
     assert noisy is not None
     touched = (noisy != 0).flatten(2).any(dim=2)  # (image, channel)
     want = 1 if condition == "random-one" else len(DEAD)
@@ -258,17 +259,24 @@ def test_summary_pairs_only_valid_images() -> None:
     assert s["all"]["delta_loss"] == 0.75
 
 
-def test_injector_acts_only_in_its_own_thread() -> None:
+def test_injected_noise_acts_only_on_its_own_threads_forward() -> None:
+    """`injected` edits the layer through `capture`: a forward of the shared model in another thread
+    is left alone."""
     import threading
 
+    net = make_net()
     inj = NoiseInjector("all", dead_mask(), sigma=1.0, seed=0, block_size=4)
     inj.set_batch(torch.arange(4), torch.device("cpu"))
-    out = torch.zeros(4, CHANNELS, 5, 5)
-    seen: list[object] = []
-    t = threading.Thread(target=lambda: seen.append(inj(nn.Identity(), (), out)))
-    t.start()
-    t.join()
-    assert seen == [None] and inj(nn.Identity(), (), out) is not None
+    x = normalize(data()[0][:4])
+    with torch.inference_mode():
+        clean = net(x)
+        seen: list[torch.Tensor] = []
+        with injected(net, "2", inj):
+            t = threading.Thread(target=lambda: seen.append(net(x)))
+            t.start()
+            t.join()
+            noisy = net(x)
+    assert torch.equal(seen[0], clean) and not torch.equal(noisy, clean)
 
 
 @pytest.mark.needs_cuda

@@ -78,24 +78,23 @@ def test_site_shows_the_stored_results(
                 assert f"<b>{float(layer['topk/value'][c, j]):.4g}</b>" in page
         assert f"c{c + 1:04d}.html" in page or c == TINY["channels"]["layer1.0"] - 1
         assert 'href="index.html">back to the layer' in page and FLOW_RUN in page
-        assert "Virtual filter (through conv1)" in page and f"img/c{c:04d}-coupling.png" in page
+        assert "<h2>Virtual filter through conv1</h2>" in page  # the virtual analysis's hook
+        assert f'src="img/c{c:04d}-layer1.0_c{c:04d}-coupling.png"' in page
         mean = out / "tiny" / "layer1.0" / "img" / f"c{c:04d}-mean.png"
         assert mean.exists() == (c != 1)  # channel 1 was never positive: no mean stimulus
-    c0 = (out / "tiny" / "layer1.0" / "c0000.html").read_text()
-    first = int(data["layer1.0"]["virtual_coupling_index"][0, 0])
-    assert f'href="../conv1/c{first:04d}.html">{first}</a>' in c0  # coupling links to the source channel
-    assert "<b>inactive</b></td><td>yes" in (out / "tiny" / "layer1.0" / "c0001.html").read_text()
+    inactive = (out / "tiny" / "layer1.0" / "c0001.html").read_text()
+    assert "<b>inactive</b></td><td>yes" in inactive and "<h2>Inactive test</h2>" in inactive
 
-    # act-max images where rendered (unit scale), nothing for the channels that were not
+    # act-max images (the act-max analysis's hook) where rendered, nothing for the channels that were not
     conv = data["conv1"]
     img = out / "tiny" / "conv1" / "img"
     for c in range(TINY["channels"]["conv1"]):
         page = (out / "tiny" / "conv1" / f"c{c:04d}.html").read_text()
         assert ("Activation maximization" in page) == (c < 2)
-        assert (img / f"c{c:04d}-actmax-channel.png").exists() == (c < 2)
+        assert (img / f"c{c:04d}-conv1_c{c:04d}-actmax0.png").exists() == (c < 2)
     want = np.clip(np.rint(255.0 * conv["actmax/channel/image"][1].astype(np.float64)), 0, 255)
-    assert np.array_equal(_png(img / "c0001-actmax-channel.png"), want)
-    assert _png(img / "c0000-actmax-crop.png").shape == (3, 7, 7)
+    assert np.array_equal(_png(img / "c0001-conv1_c0001-actmax0.png"), want)
+    assert _png(img / "c0000-conv1_c0000-actmax1.png").shape == (3, 7, 7)
     assert "Virtual filter" not in (out / "tiny" / "conv1" / "c0000.html").read_text()
 
 
@@ -218,27 +217,16 @@ def test_pixel_scales() -> None:
 def test_real_atlas_with_actmax_and_noise(tmp_path: Path) -> None:
     """A real atlas (sweep, act-max of two conv1 channels, noise test at maxpool): the channel pages
     show each rendered act-max image as an exact PNG, the atlas index the paper's Table 1."""
-    from rfcore.actmax import actmax_block, plan_blocks, prepare_actmax, preset
-    from rfcore.data import open_dataset
-    from rfcore.models import get_model, select_device
-    from rfcore.noise import CONDITIONS, noise_shard, prepare_noise, summarize_store
+    from rfcore.analysis import run_local
     from rfcore.pipeline import run_sweep
     from rfcore.store import AtlasStore
 
     url = str(tmp_path / "real.zarr")
     run_sweep(url, model_name="resnet10t", data_spec="synthetic:8", layers="conv1,maxpool", k=2,
               shard_size=8, batch_size=4, device="cpu", progress=False)  # fmt: skip
-    store, model = AtlasStore.open(url, "r+"), get_model("resnet10t")
-    for objective in ("channel", "neuron"):
-        prepare_actmax(
-            store, model, "conv1", objective, config=preset("kobayashi2020", steps=2), block_size=4
-        )
-        for block, chans in plan_blocks([0, 1], 4):
-            actmax_block(store, model, "conv1", objective, block, chans)
-    dataset = open_dataset("synthetic:8", size=64)
-    for cond, shard in prepare_noise(store, "maxpool", conditions=CONDITIONS, sigma=1.0, seed=0):
-        noise_shard(store, "maxpool", cond, shard, model=model, dataset=dataset, device=select_device("cpu"))
-    summarize_store(store, "maxpool", n_boot=50)
+    run_local(url, "actmax", {"layers": "conv1", "channels": "0,1", "steps": 2, "block_size": 4})
+    run_local(url, "noise", {"n_boot": 50})
+    store = AtlasStore.open(url)
 
     out = tmp_path / "site"
     write_site([url], str(out))
@@ -248,9 +236,9 @@ def test_real_atlas_with_actmax_and_noise(tmp_path: Path) -> None:
     image = np.asarray(store.root["layers/conv1/actmax/channel/image"][1], dtype=np.float64)
     want = np.clip(np.rint(255.0 * image), 0, 255)
     img = out / "real" / "conv1" / "img"
-    assert np.array_equal(_png(img / "c0001-actmax-channel.png"), want)
-    assert (img / "c0000-actmax-crop.png").exists() and (img / "c0000-actmax-neuron.png").exists()
-    assert not (img / "c0002-actmax-channel.png").exists()  # channel 2 was not rendered
+    assert np.array_equal(_png(img / "c0001-conv1_c0001-actmax0.png"), want)
+    assert (img / "c0000-conv1_c0000-actmax1.png").exists()
+    assert not (img / "c0002-conv1_c0002-actmax0.png").exists()  # channel 2 was not rendered
     assert "Activation maximization" in (out / "real" / "conv1" / "c0001.html").read_text()
     assert "Activation maximization" not in (out / "real" / "maxpool" / "c0001.html").read_text()
 

@@ -1,0 +1,130 @@
+"""Inactive channels (Kobayashi & Shouno 2020, §3.5) as a registered analysis: from the sweep's
+per-channel maxima, the channels that never rise above a threshold."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, parse_list, register
+from rfcore.errors import ConfigMismatchError, StoreError
+from rfcore.inactive import INACTIVE_SPEC, default_layer, read_inactive, write_inactive
+from rfcore.models import get_model
+from rfcore.store import Atlas, AtlasStore, redact
+
+
+def analysis_layers(store: AtlasStore, spec: str) -> list[str]:
+    """`default` (the model's first max-pool), `all` (every swept layer) or a comma list; each must
+    be a layer of the atlas (UnknownLayerError with a suggestion otherwise)."""
+    if spec == "all":
+        return store.layer_names
+    names = [default_layer(get_model(store.run["model"]))] if spec == "default" else parse_list(spec)
+    atlas = Atlas(store)
+    for name in names:
+        atlas.layer(name)
+    return names
+
+
+def check_threshold(store: AtlasStore, layer: str, threshold: float) -> bool:
+    """Whether `layer` already has its inactive channels at `threshold`; ConfigMismatchError when
+    they were detected at another threshold (one mask per layer: no silent replacement)."""
+    try:
+        _, attrs = read_inactive(store, layer)
+    except StoreError:
+        return False
+    if float(attrs["threshold"]) != float(threshold):
+        raise ConfigMismatchError(
+            f"layers/{layer}/inactive in {redact(store.url)} was detected at threshold {attrs['threshold']}, "
+            f"not {threshold}; use another --out or the same threshold"
+        )
+    return True
+
+
+@dataclass(frozen=True)
+class InactiveOptions:
+    layers: str = field(
+        default="default", metadata={"help": "default (the first max-pool), all, or a comma list of layers"}
+    )
+    threshold: float = field(default=0.0, metadata={"help": "inactive when the max activation <= this"})
+
+    def __post_init__(self) -> None:
+        check(bool(self.layers.strip()), "layers must name at least one layer")
+
+
+def _key(layer: str) -> str:
+    return f"inactive/{layer}"
+
+
+@register
+class Inactive(Analysis):
+    name = "inactive"
+    description = "channels whose max activation over the swept images is <= a threshold (paper §3.5)"
+    arrays = (INACTIVE_SPEC,)
+    Options: ClassVar[type[Any]] = InactiveOptions
+    order = 10
+
+    def plan(self, store: AtlasStore, opts: InactiveOptions) -> list[Unit]:
+        units = []
+        for layer in analysis_layers(store, opts.layers):
+            if "max" not in Atlas(store).layer(layer).group:
+                raise StoreError(
+                    f"layer {layer} of {redact(store.url)} has no sweep statistics yet; sweep it first"
+                )
+            check_threshold(store, layer, opts.threshold)
+            units.append(Unit(_key(layer), layer, {"threshold": opts.threshold}))
+        return [u for u in units if u.key in set(store.pending([u.key for u in units]))]
+
+    def run(self, store: AtlasStore, unit: Unit, res: Resources) -> dict[str, Any]:
+        assert unit.layer is not None
+        inactive = write_inactive(store, unit.layer, float(unit.args["threshold"]))
+        return {"layer": unit.layer, "inactive": [int(i) for i in np.flatnonzero(inactive)]}
+
+    def finish(self, store: AtlasStore, opts: InactiveOptions) -> dict[str, Any]:
+        found = {}
+        for layer in analysis_layers(store, opts.layers):
+            mask, _ = read_inactive(store, layer)
+            found[layer] = [int(i) for i in np.flatnonzero(mask)]
+        return {"threshold": opts.threshold, "inactive": found}
+
+    def _stored(self, atlas: Atlas) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        out = {}
+        for layer in atlas.layers:
+            try:
+                out[layer] = read_inactive(atlas.store, layer)
+            except StoreError:
+                continue
+        return out
+
+    def verify(self, store: AtlasStore) -> list[str]:
+        problems = []
+        for layer, (mask, attrs) in self._stored(Atlas(store)).items():
+            if int(attrs.get("count", -1)) != int(mask.sum()):
+                problems.append(
+                    f"inactive/{layer}: count attr {attrs.get('count')} != {int(mask.sum())} flagged"
+                )
+        return problems
+
+    def findings(self, atlas: Atlas) -> list[str]:
+        return [
+            f"{layer}: {int(mask.sum())}/{len(mask)} inactive channel(s) (max <= {attrs['threshold']:g})"
+            for layer, (mask, attrs) in self._stored(atlas).items()
+        ]
+
+    def channel_columns(self, atlas: Atlas, layer: str) -> dict[str, np.ndarray]:
+        try:
+            mask, _ = read_inactive(atlas.store, layer)
+        except StoreError:
+            return {}
+        return {"inactive": mask}
+
+    def report_channel(self, atlas: Atlas, layer: str, channel: int, assets: Assets) -> Section | None:
+        columns = self.channel_columns(atlas, layer)
+        if not columns:
+            return None
+        state = "inactive" if bool(columns["inactive"][channel]) else "active"
+        return Section(
+            "Inactive test", f"<p>This channel is <b>{html.escape(state)}</b> over the swept images.</p>"
+        )

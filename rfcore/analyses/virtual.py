@@ -1,0 +1,80 @@
+"""Virtual filters (Kobayashi & Shouno 2020, §3.2, eq. 3) as a registered analysis: weights only, one
+unit per conv layer of the model's default set. The composition is `rfcore.virtual`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import zarr
+
+from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, parse_list, register
+from rfcore.models import get_model
+from rfcore.store import Atlas, AtlasStore
+from rfcore.virtual import (
+    VIRTUAL_ARRAYS,
+    default_virtual_layers,
+    previous_conv,
+    virtual_filter,
+    write_virtual,
+)
+
+
+@dataclass(frozen=True)
+class VirtualOptions:
+    layers: str = field(
+        default="", metadata={"help": "comma list of conv layers (default: the model's default set)"}
+    )
+
+
+@register
+class Virtual(Analysis):
+    name = "virtual"
+    description = (
+        "virtual filters: a conv composed with the conv before it, and sorted coupling weights (§3.2)"
+    )
+    arrays = (*VIRTUAL_ARRAYS.values(),)
+    Options: ClassVar[type[Any]] = VirtualOptions
+    uses_model = True  # weights only: runs on the CPU copy of the model
+    order = 40
+
+    def plan(self, store: AtlasStore, opts: VirtualOptions) -> list[Unit]:
+        model = get_model(store.run["model"])
+        pairs = (
+            [(L, previous_conv(model, L)) for L in parse_list(opts.layers)]
+            if opts.layers
+            else default_virtual_layers(model)
+        )
+        units = [Unit(f"virtual/{layer}", layer, {"source": source}) for layer, source in pairs]
+        pending = set(store.pending([u.key for u in units]))
+        return [u for u in units if u.key in pending]
+
+    def run(self, store: AtlasStore, unit: Unit, res: Resources) -> dict[str, Any]:
+        vf = virtual_filter(
+            res.model(),
+            str(unit.layer),
+            str(unit.args["source"]),
+        )
+        write_virtual(store, vf)
+        return {"layer": unit.layer, "source": vf.source, "shape": list(vf.weight.shape)}
+
+    def report_channel(self, atlas: Atlas, layer: str, channel: int, assets: Assets) -> Section | None:
+        node = atlas.store.root.get(f"layers/{layer}/virtual_filter")
+        if not isinstance(node, zarr.Array):
+            return None
+        w = np.asarray(node[channel], dtype=np.float64)  # (in_channel, ky, kx)
+        coupling = np.asarray(atlas.store.root[f"layers/{layer}/virtual_coupling"][channel])
+        source = str(node.attrs.get("source"))
+        html = ""
+        if w.shape[0] == 3:  # an RGB filter: show it as an image, scaled symmetrically around grey
+            scale = max(float(np.abs(w).max()), 1e-12)
+            html += f'<img src="{assets.image(f"{layer}/c{channel:04d}-virtual", 127.5 + 127.5 * w / scale)}" alt="virtual filter">'
+
+        def draw(ax: Any) -> None:
+            ax.bar(range(len(coupling)), coupling, color="#4a7")
+            ax.set_xlabel(f"{source} channel, sorted")
+            ax.set_ylabel("coupling weight")
+
+        html += f'<img src="{assets.figure(f"{layer}/c{channel:04d}-coupling", draw)}" alt="sorted coupling weights">'
+        return Section(f"Virtual filter through {source}", html)
