@@ -39,6 +39,10 @@ def analysis(
     """Run the registered analysis `name` on the atlas at `store_url`; finished units are skipped."""
     a = get_analysis(name)
     config = options_config(a.options(options))  # bad options: refused before anything is written
+    if a.uses_labels:  # labels the model cannot have: refused before any unit runs
+        from rfcore.data import check_run_labels
+
+        check_run_labels(AtlasStore.open(store_url).run)
     units = plan_units(name, store_url, config)
     task = run_unit.with_options(tags=[GPU_TAG]) if a.uses_model else run_unit
     if a.uses_model:

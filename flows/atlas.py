@@ -22,18 +22,24 @@ from prefect.logging import get_run_logger
 
 from flows.analysis import analysis
 from flows.failures import TaskFailedError
-from flows.lease import LEASE_TTL_S, lease_owner
+from flows.lease import hold_lease, lease_owner
 from flows.monitoring import record_flow_run
 from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
 from rfcore.analysis import get_analysis, list_analyses, option_fields, options_config, parse_list
-from rfcore.data import SkippedImage
+from rfcore.data import SkippedImage, check_run_labels
 from rfcore.errors import RfatlasError
 from rfcore.models import select_device
 from rfcore.pipeline import DEFAULT_SHARD_SIZE
 from rfcore.schema import sweep_shard_key
 from rfcore.store import AtlasStore, redact
 from tasks import atlas as T
+
+
+def needs_labels(names: Sequence[str]) -> bool:
+    """Whether any of the analyses compares the model's output with the data's labels (checked
+    before the sweep starts: `rfcore.data.check_run_labels`)."""
+    return any(getattr(get_analysis(n), "uses_labels", False) for n in names if n != "sweep")
 
 
 def parse_analyses(spec: str | Sequence[str] | None) -> list[str]:
@@ -122,6 +128,8 @@ def check_inputs(
         shard_size=shard_size, batch_size=batch_size, patch_max=patch_max, seed=seed,
     )  # fmt: skip
     store = AtlasStore.open(plan["store_url"], "r+")
+    if needs_labels(names):
+        check_run_labels(store.run)  # label -1 / >= classes would fail only after the sweep
     with store.lease(lease_owner() + " (input check)", ttl_s=10.0):
         pass
     plan["analyses"] = names
@@ -200,9 +208,11 @@ def atlas(
     )  # fmt: skip
     store_url = plan["store_url"]  # `{weights_digest}` filled in
     store = AtlasStore.open(store_url, "r+")
+    if needs_labels(names):
+        check_run_labels(store.run)
     label = f"atlas-{model}-{data}"
     safe_url = redact(store_url)
-    with store.lease(lease_owner(), ttl_s=LEASE_TTL_S):
+    with hold_lease(store):
         record_flow_run(store)  # the site links each atlas to the run that made it
         n, total = plan["num_shards"], plan["num_images"]
         done = store.done_keys("sweep")

@@ -63,7 +63,7 @@ def _run_with_bar(fn: Any, *fargs: Any, **fkwargs: Any) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.atlas import check_inputs
     from flows.runner import ADDRESS_ENV, check_dask_address, make_task_runner
-    from rfcore.store import redact
+    from rfcore.urls import redact
 
     out = _out_url(args.out)
     layers = args.layers
@@ -146,7 +146,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     analyses = parse_analyses(args.analyses or DEMO["analyses"])
+    from flows.demo import check_demo_out
+
     out = _out_url(args.out)
+    check_demo_out(out)
     if os.path.exists(out) and not os.path.isdir(out):
         return _err(f"--out {out} is a file; give a directory")
     runner = make_task_runner(args.workers or DEMO["workers"], device=args.device)
@@ -215,7 +218,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from rfcore.store import open_atlas, redact, verify_store
+    from rfcore.store import open_atlas, verify_store
+    from rfcore.urls import redact
 
     open_atlas(args.url)  # unreadable / not an atlas: one-line error, exit 2
     problems = verify_store(args.url)

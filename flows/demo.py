@@ -37,6 +37,18 @@ DEMO: dict[str, Any] = {
 }
 
 
+def check_demo_out(out: str) -> None:
+    """The demo writes HTML reports into local folders: RfatlasError for a remote `out` (s3://...)."""
+    from rfcore.errors import RfatlasError
+    from rfcore.urls import is_local, redact
+
+    if not is_local(out):
+        raise RfatlasError(
+            f"demo --out {redact(out)}: the demo writes its HTML reports into a local folder; give a "
+            "local path (sweep into S3 with `rfatlas run --out s3://...`)"
+        )
+
+
 def _abs_url(out: str) -> str:
     return out if "://" in out else str(Path(out).expanduser().resolve())
 
@@ -66,6 +78,7 @@ def demo(
     """Train the tiny models (in parallel on the Dask workers), sweep each into its own atlas under
     `out`, write the site (`out/site/index.html`, with a comparison page); returns the findings."""
     log = get_run_logger()
+    check_demo_out(out)
     base = _abs_url(out)
     names = parse_analyses(analyses)
     options = {**DEMO["analysis_options"], **(analysis_options or {})}

@@ -13,6 +13,7 @@ not clipped).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -395,9 +396,14 @@ def actmax(
 # --- the atlas: layers/<layer>/actmax/<objective>/{image, activation, trace, crop} --------------------
 
 
-def block_key(layer: str, objective: str, block: int) -> str:
-    """Completion-marker key of channel block `block` (`AtlasStore.mark_done`)."""
-    return f"actmax/{layer}/{objective}/block-{block:04d}"
+def block_key(layer: str, objective: str, block: int, channels: Sequence[int] | None = None) -> str:
+    """Completion-marker key of channel block `block` (`AtlasStore.mark_done`); a part of a block
+    (`channels`, not all of it) has its own key, so a full block is still rendered later."""
+    key = f"actmax/{layer}/{objective}/block-{block:04d}"
+    if channels is None:
+        return key
+    digest = hashlib.sha256(",".join(map(str, sorted(channels))).encode()).hexdigest()[:8]
+    return f"{key}-part-{digest}"
 
 
 def plan_blocks(channels: Sequence[int], block_size: int) -> list[tuple[int, list[int]]]:

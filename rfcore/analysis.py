@@ -8,7 +8,7 @@ runs the model or reads the dataset, and three steps:
 * `plan(store, opts) -> [Unit]`: check the stored config, create every array, return the pending units
   (one writer: the flow calls it once, before any unit runs, so array creation never races);
 * `run(store, unit, res) -> dict`: compute one unit, write its slice (idempotent); the caller writes the
-  unit's completion marker afterwards when `unit.complete`;
+  unit's completion marker afterwards;
 * `finish(store, opts) -> dict`: summaries over all units (small, JSON-able).
 
 plus what it shows in the HTML site (`report_*`). Registration is by decorator and refuses duplicate
@@ -47,12 +47,11 @@ class AnalysisError(RfatlasError):
 @dataclass(frozen=True)
 class Unit:
     """One idempotent piece of an analysis: one task. `key` is its completion marker (and, after the
-    analysis name, its task-run name); `complete=False` writes without marking (a partial block)."""
+    analysis name, its task-run name)."""
 
     key: str
     layer: str | None = None
     args: Mapping[str, Any] = field(default_factory=dict)
-    complete: bool = True
 
 
 class Resources(Protocol):
@@ -95,6 +94,7 @@ class Analysis:
     Options: ClassVar[type[Any]] = NoOptions
     uses_model: ClassVar[bool] = False  # runs the network: GPU tag, model cache
     uses_data: ClassVar[bool] = False  # reads the dataset
+    uses_labels: ClassVar[bool] = False  # compares outputs with labels: checked before the sweep starts
     order: ClassVar[int] = 100  # run order in `--analyses all` (lower first)
 
     # --- the three steps -------------------------------------------------------------------------
@@ -334,6 +334,5 @@ def run_local(
     units = a.plan(store, opts)
     for unit in units:
         a.run(store, unit, res)
-        if unit.complete:
-            store.mark_done(unit.key)
+        store.mark_done(unit.key)
     return {"units_run": len(units), **a.finish(store, opts)}

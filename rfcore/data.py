@@ -8,11 +8,15 @@ raise :class:`BadImageError`; :func:`iter_batches` leaves them out of their batc
 from __future__ import annotations
 
 import abc
+import copy
 import difflib
+import hashlib
+import json
 import multiprocessing
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -37,12 +41,21 @@ _SPEC_KINDS = ("synthetic", "synthetic-train", "imagefolder", "imagenette", "zar
 _CHUNK_BYTES = 16 * 2**20  # target size of one Zarr image chunk
 
 
+_ADDRESS = re.compile(r"\s+at\s+0x[0-9a-fA-F]+")
+
+
+def clean_reason(reason: str) -> str:
+    """One line, without object addresses (``<PIL... at 0x7f..>``): two identical runs store the
+    same skipped-image reasons."""
+    return " ".join(_ADDRESS.sub("", reason).split())
+
+
 class BadImageError(DataError):
     """One image is unreadable or corrupt; carries the file (``path``) and a one-line ``reason``."""
 
     def __init__(self, path: str, reason: str) -> None:
         self.path = path
-        self.reason = " ".join(reason.split())
+        self.reason = clean_reason(reason)
         super().__init__(f"bad image {path}: {self.reason}")
 
 
@@ -87,6 +100,11 @@ class ImageDataset(abc.ABC):
     size: int
     resize: int
     class_names: list[str]
+    #: Cheap content fingerprint of the data (file list with sizes/mtimes or ETags, an ingest store's
+    #: digest); None where the spec alone determines the images (synthetic).
+    fingerprint: str | None = None
+    #: dataset label -> model class index (`for_model`); None = labels as they are.
+    label_lut: np.ndarray | None = None
 
     def __init__(self, spec: str, size: int, resize: int, class_names: list[str]) -> None:
         self.spec, self.size, self.resize, self.class_names = spec, size, resize, class_names
@@ -106,6 +124,16 @@ class ImageDataset(abc.ABC):
     def describe(self, index: int) -> str:
         """Where image ``index`` comes from: a file path or ``spec[index]``."""
         return f"{self.spec}[{index}]"
+
+    def for_model(self, num_classes: int) -> ImageDataset:
+        """This dataset with labels in the model's class indices (`model_label_lut`); DataError if
+        its labels cannot be the model's classes."""
+        lut = model_label_lut(self, num_classes)
+        if lut is None:
+            return self
+        out = copy.copy(self)
+        out.label_lut = lut
+        return out
 
     def _check_index(self, index: int) -> int:
         if not 0 <= index < len(self):
@@ -260,13 +288,42 @@ class FileDataset(ImageDataset):
         path, label = self.files[self._check_index(index)]
         try:
             with self.fs.open(path, "rb") as f, Image.open(f) as image:
-                return image.convert("RGB"), label
+                return to_rgb8(image), label
+        except BadImageError as e:
+            raise BadImageError(self.describe(index), e.reason) from e
         except Exception as e:  # any failure to read or decode this one untrusted file
             raise BadImageError(self.describe(index), f"{type(e).__name__}: {e}") from e
 
     def get(self, index: int) -> tuple[np.ndarray, int]:
         image, label = self.decode(index)
         return _preprocess(image, self.size, self.resize), label
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of `image`, scaled correctly from 16-bit integer (/257) and float ([0, 1]
+    -> *255) modes, which PIL's ``convert("RGB")`` would saturate or truncate. BadImageError for
+    float images outside [0, 1] (their scale is unknown)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        data = np.asarray(image).astype(np.float64)
+        if mode == "I" and (data.min() < 0 or data.max() > 65535):
+            raise BadImageError(
+                "", f"32-bit integer image with values {data.min():g}..{data.max():g}: unknown scale"
+            )
+        gray = np.clip(np.round(data / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "F":
+        data = np.asarray(image).astype(np.float64)
+        if not np.isfinite(data).all():
+            raise BadImageError("", "float image with NaN or infinite values")
+        lo, hi = float(data.min()), float(data.max())
+        if lo < 0.0 or hi > 1.0:
+            raise BadImageError("", f"float image with values {lo:g}..{hi:g}, not in [0, 1]: unknown scale")
+        gray = np.clip(np.round(data * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode in ("RGB;16", "RGBA;16", "RGB;16B"):  # rare 16-bit colour modes some plugins report
+        raise BadImageError("", f"16-bit colour mode {mode} is not supported")
+    return image.convert("RGB")
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -292,7 +349,8 @@ def _open_folder(spec: str, location: str, size: int, resize: int) -> FileDatase
         if not fs.isdir(root):
             raise DataError(f"{spec}: no such folder")
         root = root.rstrip("/")
-        rel = {p: p[len(root) + 1 :].split("/") for p in fs.find(root)}
+        infos = fs.find(root, detail=True)
+        rel = {p: p[len(root) + 1 :].split("/") for p in infos}
     except (OSError, ValueError) as e:
         raise DataError(f"{spec}: cannot list folder ({type(e).__name__}: {e})") from e
     paths = sorted(p for p, parts in rel.items() if _is_image(parts))
@@ -305,7 +363,26 @@ def _open_folder(spec: str, location: str, size: int, resize: int) -> FileDatase
         class_names, files = [], [(p, -1) for p in paths]
     if not files:
         raise DataError(f"{spec}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the folder")
-    return FileDataset(spec, size, resize, fs, files, class_names)
+    ds = FileDataset(spec, size, resize, fs, files, class_names)
+    ds.fingerprint = files_fingerprint([(rel_path(p, root), infos[p]) for p, _ in files])
+    return ds
+
+
+def rel_path(path: str, root: str) -> str:
+    return path[len(root) + 1 :] if path.startswith(root + "/") else path
+
+
+def files_fingerprint(entries: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """Digest of a file list: relative path, size and version (ETag on object stores, mtime on disk)
+    of each file, in order. Cheap (one listing, no reads): an image replaced, added or removed
+    changes it."""
+    h = hashlib.sha256()
+    for rel, info in entries:
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        if hasattr(version, "isoformat"):
+            version = version.isoformat()
+        h.update(f"{rel}\t{info.get('size')}\t{version}\n".encode())
+    return "files:" + h.hexdigest()[:16]
 
 
 def _open_imagenette(spec: str, split: str, size: int, resize: int) -> FileDataset:
@@ -325,7 +402,13 @@ def _open_imagenette(spec: str, split: str, size: int, resize: int) -> FileDatas
     if not files:
         raise DataError(f"{spec}: no images under {root}")
     fs = fsspec.filesystem("file")
-    return FileDataset(spec, size, resize, fs, files, [names[0] for names in ds.classes])
+    out = FileDataset(spec, size, resize, fs, files, [names[0] for names in ds.classes])
+    entries = []
+    for p, _ in files:
+        st = os.stat(p)
+        entries.append((os.path.relpath(p, root), {"size": st.st_size, "mtime": st.st_mtime_ns}))
+    out.fingerprint = files_fingerprint(entries)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- zarr
@@ -351,6 +434,7 @@ class ZarrDataset(ImageDataset):
         self._labels = np.asarray(self._array(group, "labels")[:], dtype=np.int64)
         self._valid = np.asarray(self._array(group, "valid")[:], dtype=bool)
         self._bad = {int(s["index"]): (str(s["path"]), str(s["reason"])) for s in attrs.get("skipped", [])}
+        self.fingerprint = "zarr:" + str(attrs.get("digest") or _digest_json(attrs))
         self._images: zarr.Array[Any] | None = None
         self._block: tuple[int, np.ndarray] | None = None
 
@@ -386,6 +470,98 @@ class ZarrDataset(ImageDataset):
             block = (index // chunk, np.asarray(self._images[start : start + chunk]))
             self._block = block
         return block[1][index % chunk].copy(), int(self._labels[index])
+
+
+def _digest_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+#: Imagenette's classes (WordNet id, first name) and their ImageNet-1k class indices.
+IMAGENETTE_TO_IMAGENET: dict[str, int] = {
+    "n01440764": 0,  # tench
+    "n02102040": 217,  # English springer
+    "n02979186": 482,  # cassette player
+    "n03000684": 491,  # chain saw
+    "n03028079": 497,  # church
+    "n03394916": 566,  # French horn
+    "n03417042": 569,  # garbage truck
+    "n03425413": 571,  # gas pump
+    "n03445777": 574,  # golf ball
+    "n03888605": 701,  # parachute
+}
+_IMAGENETTE_NAMES = {
+    "tench": 0,
+    "English springer": 217,
+    "cassette player": 482,
+    "chain saw": 491,
+    "church": 497,
+    "French horn": 566,
+    "garbage truck": 569,
+    "gas pump": 571,
+    "golf ball": 574,
+    "parachute": 701,
+}
+
+
+def _stored_labels(ds: ImageDataset) -> np.ndarray | None:
+    """Every label the dataset holds, when known without decoding images (files, ingested stores)."""
+    if isinstance(ds, FileDataset):
+        return np.asarray([label for _, label in ds.files], dtype=np.int64)
+    if isinstance(ds, ZarrDataset):
+        return np.asarray(ds._labels[ds._valid], dtype=np.int64)
+    return None
+
+
+def model_label_lut(ds: ImageDataset, num_classes: int) -> np.ndarray | None:
+    """Dataset label -> model class index, or None when the labels are the model's own classes.
+
+    Imagenette's 10 classes (by WordNet id or name) map to their ImageNet indices for a 1000-class
+    model. DataError when the data has no labels, labels outside the model's classes, or another
+    number of classes than the model (its labels would name other classes)."""
+    names = list(ds.class_names)
+    if not names:
+        raise DataError(
+            f"{ds.spec} has no class labels (a flat folder of images?); this analysis needs labels"
+        )
+    if num_classes == 1000 and len(names) == 10:
+        mapped = [IMAGENETTE_TO_IMAGENET.get(n, _IMAGENETTE_NAMES.get(n)) for n in names]
+        if all(m is not None for m in mapped):
+            return np.asarray(mapped, dtype=np.int64)
+    if len(names) != num_classes:
+        raise DataError(
+            f"{ds.spec} has {len(names)} classes but the model has {num_classes}: its labels are not the "
+            "model's classes (only Imagenette maps onto ImageNet's 1000); use data labelled like the model"
+        )
+    labels = _stored_labels(ds)
+    if labels is not None and labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise DataError(
+                f"{ds.spec} has labels {lo}..{hi}, outside the model's classes 0..{num_classes - 1}"
+            )
+    return None
+
+
+def check_run_labels(run: Mapping[str, Any]) -> None:
+    """Before an analysis that needs labels (noise) starts: DataError unless the labels of the
+    atlas's data (`run` attrs) can be its model's classes (see `model_label_lut`)."""
+    if not run.get("num_classes"):
+        return
+    pre = run.get("preprocessing") or {}
+    ds = open_dataset(str(run["dataset"]), size=int(run["image_size"]), resize=pre.get("resize"))
+    model_label_lut(ds, int(run["num_classes"]))
+
+
+def check_data_matches(ds: ImageDataset, run: Mapping[str, Any]) -> None:
+    """DataError when the data changed since the atlas (`run` attrs) was made: its fingerprint differs."""
+    want = run.get("data_fingerprint")
+    if want is not None and ds.fingerprint != want:
+        raise DataError(
+            f"the data {ds.spec} changed since the atlas was made (fingerprint {ds.fingerprint}, not "
+            f"{want}): files were added, removed or replaced; sweep it into another --out"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- open
@@ -461,6 +637,9 @@ class _Items(Dataset[_Item]):
             image, label = self.ds.get(index)
         except BadImageError as e:
             return SkippedImage(int(index), e.path, e.reason)
+        lut = self.ds.label_lut
+        if lut is not None and 0 <= label < len(lut):
+            label = int(lut[label])
         return image, label, int(index)
 
 
@@ -532,6 +711,42 @@ def iter_batches(
 # ---------------------------------------------------------------------------------------------- ingest
 
 
+def _check_ingest_target(spec: str, url: str) -> None:
+    """DataError unless ``url`` is absent, empty, or an image store ingested from ``spec``."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        path = path.rstrip("/")
+        if not fs.exists(path):
+            return
+        if not fs.isdir(path):
+            raise DataError(f"ingest target {url} is a file; give a new or empty folder")
+        entries = [
+            e for e in fs.ls(path, detail=False) if not posixpath.basename(e.rstrip("/")).startswith(".")
+        ]
+        if not entries:
+            return
+        try:
+            meta = json.loads(fs.cat_file(f"{path}/zarr.json"))
+        except (FileNotFoundError, ValueError):
+            meta = {}
+    except DataError:
+        raise
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot check ingest target {url} ({type(e).__name__}: {e})") from e
+    attrs = meta.get("attributes") or {} if isinstance(meta, dict) else {}
+    made_from = attrs.get("spec") if attrs.get("format") == ZARR_FORMAT else attrs.get("ingest_spec")
+    if made_from is None:
+        raise DataError(
+            f"ingest target {url} is not empty and not an rfatlas image store; refusing to overwrite it "
+            "(give a new or empty folder)"
+        )
+    if made_from != spec:
+        raise DataError(
+            f"ingest target {url} holds images ingested from {made_from!r}, not {spec!r}; "
+            "refusing to overwrite it (give another folder)"
+        )
+
+
 def ingest(
     spec: str,
     url: str,
@@ -541,22 +756,28 @@ def ingest(
     progress: bool = True,
     num_workers: int = 0,
 ) -> IngestResult:
-    """Decode and preprocess ``spec`` once into a chunked uint8 Zarr group at ``url`` (overwritten).
+    """Decode and preprocess ``spec`` once into a chunked uint8 Zarr group at ``url``.
+
+    ``url`` must be absent, empty, or an image store ingested from the same ``spec`` (then it is
+    overwritten); anything else is refused with DataError before anything is written.
 
     Layout: ``images`` (image, color, y, x) uint8, ``labels`` (image,) int64, ``valid`` (image,) bool;
     attrs ``format``, ``spec``, ``size``, ``resize``, ``class_names``, ``skipped``. Unreadable images
     keep their index (zero pixels, label -1, valid False) and are listed in ``skipped``. Read it back
-    with ``open_dataset("zarr:" + url, size=size, resize=resize)``.
+    with ``open_dataset("zarr:" + url, size=size, resize=resize)``. The ``digest`` attr (sha256 of
+    the pixels, labels and settings) is the store's content fingerprint.
     """
     from tqdm.auto import tqdm
 
     ds = open_dataset(spec, size=size, resize=resize)
+    _check_ingest_target(spec, url)
     n, s = len(ds), ds.size
     chunk = max(1, min(512, _CHUNK_BYTES // (3 * s * s)))
     try:
-        root = zarr.open_group(url, mode="w")
+        root = zarr.open_group(url, mode="w", attributes={"ingest_spec": spec})
     except (OSError, ValueError, zarr.errors.BaseZarrError) as e:
         raise DataError(f"cannot write image store {url} ({type(e).__name__}: {e})") from e
+    digest = hashlib.sha256(json.dumps([spec, s, ds.resize, ds.class_names]).encode())
     images = root.create_array(
         "images", shape=(n, 3, s, s), chunks=(chunk, 3, s, s), dtype="uint8", fill_value=0,
         dimension_names=("image", "color", "y", "x"),
@@ -578,15 +799,19 @@ def ingest(
             rows = batch.indices.numpy() - block_range.start
             block[rows] = batch.images.numpy()
             images[block_range.start : block_range.stop] = block
+            digest.update(block.tobytes())
             all_labels[batch.indices.numpy()] = batch.labels.numpy()
             all_valid[batch.indices.numpy()] = True
             skipped.extend(batch.skipped)
             bar.update(len(block_range))
     labels[:] = all_labels
     valid[:] = all_valid
+    digest.update(all_labels.tobytes())
+    digest.update(all_valid.tobytes())
     root.attrs.update(
         {
             "format": ZARR_FORMAT,
+            "digest": digest.hexdigest()[:16],
             "spec": spec,
             "size": s,
             "resize": ds.resize,

@@ -33,3 +33,7 @@ class StoreLockedError(StoreError):
 
 class ConfigMismatchError(StoreError):
     """The store was made by a run whose identity (model, data, k, ...) differs."""
+
+
+class LeaseLostError(StoreError):
+    """This run no longer holds the store's lease (another run took it over): it must stop writing."""

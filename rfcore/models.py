@@ -8,6 +8,7 @@ name, or an rfatlas checkpoint / bare state_dict at any fsspec URL, always loade
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import io
@@ -73,6 +74,7 @@ class ModelMeta:
     family: str  # 'resnet' | 'plainnet' | 'vgg' | 'alexnet'
     preprocessing: Preprocessing
     weights_digest: str | None = None  # checkpoints: sha256 of the file's bytes (first 16 hex digits)
+    weights_version: str | None = None  # torchvision: resolved member and file (DEFAULT -> IMAGENET1K_V2:...)
 
 
 class PlainBasicBlock(BasicBlock):  # type: ignore[misc]  # torchvision ships no type information
@@ -285,7 +287,8 @@ def _load_torchvision(
         mean=(float(tf.mean[0]), float(tf.mean[1]), float(tf.mean[2])),
         std=(float(tf.std[0]), float(tf.std[1]), float(tf.std[2])),
     )
-    return model, ModelMeta(name, member.name, classes, entry.family, pre)
+    version = f"{member.name}:{str(member.url).rsplit('/', 1)[-1]}"  # the file name carries its hash
+    return model, ModelMeta(name, member.name, classes, entry.family, pre, weights_version=version)
 
 
 def _read_checkpoint(url: str) -> tuple[Any, str]:
@@ -302,14 +305,94 @@ def _read_checkpoint(url: str) -> tuple[Any, str]:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), digest
     except pickle.UnpicklingError as exc:
-        detail = next(
-            (ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), ""
-        )
-        raise CheckpointError(
-            f"refusing checkpoint {url}: it holds more than plain weights and could run code ({detail[:160]})"
-        ) from None
+        raise CheckpointError(_refusal(url, data, exc)) from None
     except Exception as exc:  # truncated files, non-torch files, ...
         raise CheckpointError(f"{url} is not a readable torch checkpoint ({_one_line(exc)})") from None
+
+
+_CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD"})
+_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"\x1f\x8b": "a gzip file",
+    b"\x93NUMPY": "a numpy .npy file",
+    b"{": "JSON text",
+}
+
+
+def _refusal(url: str, data: bytes, exc: BaseException) -> str:
+    """Why the weights-only unpickler refused `data`: a file that could run code (a pickle with
+    globals), or no checkpoint at all (an image, text, ...): said as such, not as a security risk."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), "")
+    is_zip = data[:4] == b"PK\x03\x04"
+    is_pickle = len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5
+    if is_zip and "global" in detail.lower():
+        return (
+            f"refusing checkpoint {url}: it holds more than plain weights and could run code ({detail[:160]})"
+        )
+    if is_pickle:
+        import pickletools
+
+        names: set[str] = set()
+        with contextlib.suppress(Exception):
+            names = {op.name for op, _, _ in pickletools.genops(data)}
+        if names & _CODE_OPCODES:
+            return f"refusing checkpoint {url}: it holds more than plain weights and could run code ({detail[:160]})"
+    if not (is_zip or is_pickle):
+        what = next((w for m, w in _MAGIC.items() if data.startswith(m)), None)
+        if what is None:
+            what = "text" if data[:64].isascii() and data[:64].strip() else "not a pickle"
+        return (
+            f"{url} is not a torch checkpoint ({what}, {len(data)} bytes): give a file written by torch.save"
+        )
+    return f"{url} is not a readable torch checkpoint ({detail[:160] or _one_line(exc)})"
+
+
+def weights_stamp(weights: str | None) -> str | None:
+    """A cheap version stamp of a checkpoint file (size + mtime/inode locally, ETag on object
+    stores; no download), None for random or torchvision weights. Caches use it to notice that a
+    checkpoint was overwritten without reading it again."""
+    if weights is None or _WEIGHTS_NAME.fullmatch(weights):
+        return None
+    try:
+        fs, path = fsspec.core.url_to_fs(weights)
+        if isinstance(fs, LocalFileSystem):
+            st = os.stat(path)
+            return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        fs.invalidate_cache(path)
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {weights}") from None
+    except Exception as exc:  # fsspec backends raise backend-specific errors
+        raise CheckpointError(f"cannot read checkpoint {weights} ({_one_line(exc)})") from exc
+    tag = (
+        info.get("ETag")
+        or info.get("etag")
+        or info.get("md5Hash")
+        or info.get("mtime")
+        or info.get("LastModified")
+    )
+    return f"{info.get('size')}:{tag}"
+
+
+def check_model_matches(model: nn.Module, run: Mapping[str, Any]) -> None:
+    """CheckpointError unless `model` has the weights the atlas `run` attrs were made with (checkpoint
+    digest, torchvision weights version): a checkpoint overwritten since would mix two models."""
+    meta = model_meta(model)
+    want, have = run.get("weights_digest"), meta.weights_digest
+    if want is not None and have != want:
+        raise CheckpointError(
+            f"the weights {run.get('weights')} changed since the atlas was made (digest {have}, "
+            f"not {want}); write the new checkpoint to a new atlas (e.g. --out '...{{weights_digest}}...')"
+        )
+    want_v = run.get("weights_version")
+    if want_v is not None and meta.weights_version != want_v:
+        raise CheckpointError(
+            f"weights {run.get('weights')} resolve to {meta.weights_version}, but the atlas was made "
+            f"with {want_v}; use another --out"
+        )
 
 
 def _few(keys: list[str], n: int = 4) -> str:
@@ -383,7 +466,8 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def save_checkpoint(model: nn.Module, url: str, *, config: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Write an ``rfatlas-checkpoint-v1`` file (CPU state_dict + config + metrics) to any fsspec URL."""
+    """Write an ``rfatlas-checkpoint-v1`` file (CPU state_dict + config + metrics) to any fsspec URL,
+    atomically (temp file + rename on local disk; a single PUT on object stores)."""
     meta = model_meta(model)
     _check_plain(config, "config")
     _check_plain(metrics, "metrics")
@@ -401,9 +485,21 @@ def save_checkpoint(model: nn.Module, url: str, *, config: dict[str, Any], metri
     torch.save(payload, buf)
     try:
         fs, path = fsspec.core.url_to_fs(url)
-        if isinstance(fs, LocalFileSystem):  # object stores and memory:// have no directories to create
+        if isinstance(fs, LocalFileSystem):
+            # temp name + rename: a reader (or a crash) never sees a half-written checkpoint
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fs.pipe_file(path, buf.getvalue())
+            tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(buf.getvalue())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        else:  # object stores: one PUT (or one multipart upload) appears whole or not at all
+            fs.pipe_file(path, buf.getvalue())
     except Exception as exc:  # fsspec backends raise backend-specific errors
         raise CheckpointError(f"cannot write checkpoint {url} ({_one_line(exc)})") from exc
 

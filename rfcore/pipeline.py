@@ -18,12 +18,20 @@ import torch
 import zarr
 from torch import nn
 
-from rfcore.data import BadImageError, ImageDataset, SkippedImage, iter_batches, open_dataset, shard_ranges
+from rfcore.data import (
+    BadImageError,
+    ImageDataset,
+    SkippedImage,
+    check_data_matches,
+    iter_batches,
+    open_dataset,
+    shard_ranges,
+)
 from rfcore.errors import StoreError
-from rfcore.models import get_model, model_meta
+from rfcore.models import check_model_matches, get_model, model_meta
 from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
-from rfcore.store import AtlasStore, redact, refuse_credentials
+from rfcore.store import AtlasStore
 from rfcore.sweep import (
     STATE_KEYS,
     LayerReducer,
@@ -32,6 +40,7 @@ from rfcore.sweep import (
     crop_topk_patches,
     plan_layers,
 )
+from rfcore.urls import redact, refuse_credentials
 
 DEFAULT_SHARD_SIZE = 1024
 _CHANNEL_CHUNK = 16  # channels per chunk of mean_stimulus (topk/patch: one channel per chunk)
@@ -86,6 +95,9 @@ def prepare_store(
         model=model_name,
         weights=weights,
         weights_digest=meta.weights_digest,
+        weights_version=meta.weights_version,
+        data_fingerprint=dataset.fingerprint,
+        num_classes=meta.num_classes,
         dataset=data_spec,
         num_images=len(dataset),
         image_size=pre.size,
@@ -192,6 +204,8 @@ def sweep_shard(
     if not 0 <= shard_id < len(shards):
         raise StoreError(f"shard {shard_id} out of range: the atlas has {len(shards)} shards")
     rows = shards[shard_id]
+    check_model_matches(model, store.run)  # a checkpoint overwritten since the atlas was made
+    check_data_matches(dataset, store.run)
     if len(dataset) != int(store.run["num_images"]):
         raise StoreError(
             f"dataset has {len(dataset)} images but the atlas was made for {store.run['num_images']}"
@@ -215,6 +229,7 @@ def sweep_shard(
         device=device,
         amp=amp,
     )
+    precision = _check_precision(store, runner)
     act = {n: np.full((len(rows), c), np.nan, np.float32) for n, (_, c, _) in geos.items()}
     skipped: list[dict[str, Any]] = []
     images = 0
@@ -239,7 +254,9 @@ def sweep_shard(
         state = runner.reducers[name].state_dict()
         for key, parr in _partial_arrays(store, name, geo, channels).items():
             parr[shard_id] = state[key]
-    store.mark_done(sweep_shard_key(shard_id))
+    nonfinite = {name: idx for name, idx in runner.nonfinite.items() if idx}
+    info: dict[str, Any] = {"precision": precision, **({"nonfinite": nonfinite} if nonfinite else {})}
+    store.mark_done(sweep_shard_key(shard_id), info)
     seconds = time.perf_counter() - t0
     return {"shard": shard_id, "images": images, "skipped": skipped, "seconds": seconds, "cached": False}
 
@@ -280,9 +297,45 @@ def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
     }
     for path, (data, chunks) in outputs.items():
         store.require_array(spec(path), data.shape, chunks, layer=layer)[...] = data
+    store.set_layer_attrs(layer, **_nonfinite_attrs(store, layer))
     store.mark_done(f"merge/{layer}")
     store.remove("partial", layer=layer)
     return {"layer": layer, "seconds": time.perf_counter() - t0, "cached": False}
+
+
+def _check_precision(store: AtlasStore, runner: SweepRunner) -> str:
+    """The precision this shard runs in (float32, bfloat16, float16); StoreError when the shards
+    already swept ran in another one (a resume on another kind of device would mix them)."""
+    from rfcore.precision import autocast_dtype
+
+    precision = str(autocast_dtype(runner.device, runner.amp) or torch.float32).removeprefix("torch.")
+    done = sorted(store.done_keys("sweep"))
+    before = ((store.marker(done[0]) or {}).get("info") or {}).get("precision") if done else None
+    if before is not None and before != precision:
+        raise StoreError(
+            f"atlas {redact(store.url)} was swept in {before} ({done[0]}), but this shard would run in "
+            f"{precision} on {runner.device}; resume on the same kind of device or use another --out"
+        )
+    return precision
+
+
+def _nonfinite_attrs(store: AtlasStore, layer: str) -> dict[str, Any]:
+    """From the shards' markers: images whose activations in `layer` held NaN/inf (kept out of every
+    statistic; their activation rows are -inf) and the precision of the sweep:
+    {nonfinite_images, nonfinite_examples, precision}."""
+    found: list[int] = []
+    precisions: set[str] = set()
+    for s in range(store.num_shards):
+        info = (store.marker(sweep_shard_key(s)) or {}).get("info") or {}
+        found += [int(i) for i in info.get("nonfinite", {}).get(layer, [])]
+        precisions |= {str(info["precision"])} if "precision" in info else set()
+    if len(precisions) > 1:
+        raise StoreError(
+            f"the shards of {redact(store.url)} were swept in different precisions ({', '.join(sorted(precisions))}); "
+            "use another --out"
+        )
+    precision = {"precision": precisions.pop()} if precisions else {}
+    return {"nonfinite_images": len(found), "nonfinite_examples": sorted(found)[:10], **precision}
 
 
 def crop_patches(store_url: str, layer: str, *, dataset: ImageDataset) -> dict[str, Any]:

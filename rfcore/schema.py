@@ -21,7 +21,9 @@ IDENTITY_KEYS = (
     "model",
     "weights",
     "weights_digest",  # a checkpoint's bytes: the same URL with new contents is another run
+    "weights_version",  # torchvision weights resolved (DEFAULT -> IMAGENET1K_V2:<file>)
     "dataset",
+    "data_fingerprint",  # the data's content (file list with sizes/mtimes or ETags, ingest digest)
     "num_images",
     "image_size",
     "k",
@@ -31,7 +33,16 @@ IDENTITY_KEYS = (
     "layers",
     "seed",  # builds the weights of a model without `weights` (None in the identity otherwise)
 )
-_RUN_KEYS = ("model", "weights", "weights_digest", "dataset", "num_images", "image_size")
+_RUN_KEYS = (
+    "model",
+    "weights",
+    "weights_digest",
+    "weights_version",
+    "dataset",
+    "data_fingerprint",
+    "num_images",
+    "image_size",
+)
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,9 @@ class RunAttrs:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     weights_digest: str | None = None  # sha256 (16 hex digits) of a checkpoint file's bytes
+    weights_version: str | None = None  # torchvision weights as resolved (member:file)
+    data_fingerprint: str | None = None  # `ImageDataset.fingerprint` of the data swept
+    num_classes: int | None = None  # the model's classes (labels are checked against them)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -101,6 +115,9 @@ class RunAttrs:
             preprocessing=dict(d.get("preprocessing") or {}),
             config=dict(d.get("config") or {}),
             weights_digest=d.get("weights_digest"),
+            weights_version=d.get("weights_version"),
+            data_fingerprint=d.get("data_fingerprint"),
+            num_classes=None if d.get("num_classes") is None else int(d["num_classes"]),
         )
 
     def identity(self) -> dict[str, Any]:

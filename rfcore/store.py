@@ -33,6 +33,7 @@ from zarr.abc.store import Store
 from rfcore import __version__
 from rfcore.errors import (
     ConfigMismatchError,
+    LeaseLostError,
     StoreError,
     StoreLockedError,
     UnknownLayerError,
@@ -45,6 +46,9 @@ from rfcore.schema import (
     RunAttrs,
     sweep_shard_key,
 )
+from rfcore.urls import is_local
+from rfcore.urls import redact as redact  # re-export (moved to rfcore.urls)
+from rfcore.urls import refuse_credentials as refuse_credentials  # re-export (moved to rfcore.urls)
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 _STATE = "_state"
 _DONE = f"{_STATE}/done"
 _LEASE = f"{_STATE}/lease"
+LEASE_TOKEN_ENV = "RFATLAS_LEASE_TOKEN"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 
@@ -72,26 +77,8 @@ class AtlasLayerNotFoundError(UnknownLayerError, StoreError):
     """The atlas has no such layer."""
 
 
-_CREDENTIALS = re.compile(r"([a-z0-9+.-]+://)[^/@\s]*@", flags=re.IGNORECASE)
-
-
-def redact(url: str) -> str:
-    """`url` (or a data spec such as `zarr:s3://...`) without any user:password part (safe for messages)."""
-    return _CREDENTIALS.sub(r"\1", url)
-
-
-def refuse_credentials(value: str, what: str) -> None:
-    """StoreError when `value` embeds a user:password part: a URL stored in attrs or named in a run
-    must not carry secrets (they come from the environment, e.g. AWS_ACCESS_KEY_ID)."""
-    if _CREDENTIALS.search(value):
-        raise StoreError(
-            f"{what} {redact(value)!r} embeds credentials; give them in the environment "
-            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) instead"
-        )
-
-
 def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+    return is_local(url)
 
 
 def _local_path(url: str) -> Path:
@@ -108,6 +95,32 @@ def _options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, A
         if endpoint and "endpoint_url" not in opts and "endpoint_url" not in opts.get("client_kwargs", {}):
             opts["endpoint_url"] = endpoint
     return opts
+
+
+_MEMORY_LOCK = threading.Lock()  # memory:// lives in this process: one lock makes its writes atomic
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an S3 error (as s3fs re-raises it) says a conditional request's precondition failed."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return True
+        if "pre-conditions you specified did not hold" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 class _Objects:
@@ -142,6 +155,150 @@ class _Objects:
             return (self._local / key).read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+
+    # --- conditional writes (the lease): compare-and-swap on a version --------------------------
+    # Local disk: create = hard link of a complete temp file (fails if the name exists, like
+    # O_EXCL, and never exposes a half-written file); replace/delete compare the bytes under an
+    # flock. S3: conditional PUT/DELETE (If-None-Match: * to create, If-Match: <etag> to replace).
+    # memory://: one in-process lock. Other fsspec backends: best effort (check, then write).
+
+    def _is_s3(self) -> bool:
+        protocol = getattr(self._fs, "protocol", "")
+        names = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return "s3" in names and hasattr(self._fs, "call_s3")
+
+    def _is_memory(self) -> bool:
+        protocol = getattr(self._fs, "protocol", "")
+        names = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return "memory" in names
+
+    @contextlib.contextmanager
+    def _local_lock(self, key: str) -> Iterator[None]:
+        import fcntl
+
+        assert self._local is not None
+        dest = self._local / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(dest.with_name(f".{dest.name}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _s3_key(self, key: str) -> tuple[str, str]:
+        bucket, path, _ = self._fs.split_path(self._path(key))
+        return str(bucket), str(path)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """(bytes, version) of `key`, or None if absent; the version is what `replace_if` and
+        `delete_if` compare (the ETag on S3, a digest of the bytes elsewhere)."""
+        if self._local is None and self._is_s3():
+            from fsspec.asyn import sync
+
+            bucket, path = self._s3_key(key)
+
+            async def get() -> tuple[bytes, str]:
+                resp = await self._fs._call_s3("get_object", Bucket=bucket, Key=path)
+                async with resp["Body"] as body:
+                    data = await body.read()
+                return bytes(data), str(resp["ETag"])
+
+            try:
+                return sync(self._fs.loop, get)  # type: ignore[no-any-return]
+            except FileNotFoundError:
+                return None
+        data = self.get(key)
+        return None if data is None else (data, _digest(data))
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write `key` only if it does not exist; False if it does (someone else created it)."""
+        if self._local is not None:
+            dest = self._local / key
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_bytes(data)
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: O_EXCL create under the flock
+                with self._local_lock(key):
+                    try:
+                        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    except FileExistsError:
+                        return False
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+            finally:
+                tmp.unlink()
+            return True
+        if self._is_s3():
+            bucket, path = self._s3_key(key)
+            try:
+                self._fs.call_s3("put_object", Bucket=bucket, Key=path, Body=data, IfNoneMatch="*")
+            except Exception as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+            return True
+        with _MEMORY_LOCK if self._is_memory() else contextlib.nullcontext():
+            if self.get(key) is not None:
+                return False
+            self.put(key, data)
+            return True
+
+    def replace_if(self, key: str, data: bytes, version: str) -> bool:
+        """Overwrite `key` only if it still has `version`; False if it changed or vanished."""
+        if self._local is not None:
+            with self._local_lock(key):
+                found = self.read_versioned(key)
+                if found is None or found[1] != version:
+                    return False
+                self.put(key, data)
+                return True
+        if self._is_s3():
+            bucket, path = self._s3_key(key)
+            try:
+                self._fs.call_s3("put_object", Bucket=bucket, Key=path, Body=data, IfMatch=version)
+            except Exception as exc:
+                if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
+                    return False
+                raise
+            return True
+        with _MEMORY_LOCK if self._is_memory() else contextlib.nullcontext():
+            found = self.read_versioned(key)
+            if found is None or found[1] != version:
+                return False
+            self.put(key, data)
+            return True
+
+    def delete_if(self, key: str, version: str) -> bool:
+        """Delete `key` only if it still has `version`."""
+        if self._local is not None:
+            with self._local_lock(key):
+                found = self.read_versioned(key)
+                if found is None or found[1] != version:
+                    return False
+                self.delete(key)
+                return True
+        if self._is_s3():
+            bucket, path = self._s3_key(key)
+            try:
+                self._fs.call_s3("delete_object", Bucket=bucket, Key=path, IfMatch=version)
+            except Exception as exc:
+                if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
+                    return False
+                # an S3 without conditional deletes: mark it released (expired) instead, still only
+                # if nobody took it over meanwhile
+                return self.replace_if(key, json.dumps({"released": True, "expires": 0}).encode(), version)
+            return True
+        with _MEMORY_LOCK if self._is_memory() else contextlib.nullcontext():
+            found = self.read_versioned(key)
+            if found is None or found[1] != version:
+                return False
+            self.delete(key)
+            return True
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -249,6 +406,7 @@ class AtlasStore:
     url: str
     root: zarr.Group
     run: dict[str, Any]
+    lease_token: str | None
 
     def __init__(self, url: str, options: dict[str, Any], read_only: bool) -> None:
         """Private: use `AtlasStore.create` / `AtlasStore.open`."""
@@ -260,6 +418,7 @@ class AtlasStore:
         self.root = zarr.open_group(self._store, mode="r" if read_only else "r+", zarr_format=3)
         self.run = dict(attrs["run"])
         self._layer_names: list[str] | None = None
+        self.lease_token: str | None = None  # set while this handle holds the lease
 
     @classmethod
     def create(
@@ -391,30 +550,57 @@ class AtlasStore:
         if len(shape) != len(spec.dims) or len(chunks) != len(spec.dims):
             raise ValueError(f"array {spec.path!r} has dims {spec.dims}; got shape {shape}, chunks {chunks}")
         path = self._array_path(spec, layer, placeholders)
-        mode = "r" if self._read_only else "r+"
-        try:
-            arr = zarr.open_array(self._store, path=path, mode=mode, zarr_format=3)
-        except zarr.errors.ArrayNotFoundError:
-            if self._read_only:
-                raise StoreError(f"atlas {redact(self.url)} has no array {path} (opened read-only)") from None
-            try:
-                return zarr.create_array(
-                    self._store,
-                    name=path,
-                    shape=shape,
-                    chunks=chunks,
-                    dtype=spec.dtype,
-                    fill_value=spec.fill_value,
-                    dimension_names=spec.dims,
-                )
-            except zarr.errors.ContainsArrayError:  # a concurrent writer made it first
-                arr = zarr.open_array(self._store, path=path, mode=mode, zarr_format=3)
+        arr = self._open_or_create(spec, path, shape, chunks)
         if arr.shape != shape or arr.dtype != np.dtype(spec.dtype):
             raise StoreError(
                 f"array {path} in {redact(self.url)} has shape {arr.shape} dtype {arr.dtype}, "
                 f"not {shape} {spec.dtype}; use another --out"
             )
         return arr
+
+    def _open_or_create(
+        self, spec: ArraySpec, path: str, shape: tuple[int, ...], chunks: tuple[int, ...]
+    ) -> zarr.Array[Any]:
+        """Open the array at `path`, or create it; concurrent creators are fine (the loser opens the
+        winner's array; a half-written zarr.json is read again). Any zarr/storage error becomes one
+        StoreError line, never a traceback."""
+        mode = "r" if self._read_only else "r+"
+        last: BaseException | None = None
+        for attempt in range(6):
+            try:
+                try:
+                    return zarr.open_array(self._store, path=path, mode=mode, zarr_format=3)
+                except zarr.errors.ArrayNotFoundError:
+                    if self._read_only:
+                        raise StoreError(
+                            f"atlas {redact(self.url)} has no array {path} (opened read-only)"
+                        ) from None
+                    return zarr.create_array(
+                        self._store,
+                        name=path,
+                        shape=shape,
+                        chunks=chunks,
+                        dtype=spec.dtype,
+                        fill_value=spec.fill_value,
+                        dimension_names=spec.dims,
+                    )
+            except StoreError:
+                raise
+            except (zarr.errors.ContainsGroupError, zarr.errors.NodeTypeValidationError):
+                raise StoreError(
+                    f"{path} in {redact(self.url)} is a group, not an array; use another --out"
+                ) from None
+            except zarr.errors.ContainsArrayError as exc:  # a concurrent writer made it first: open it
+                last = exc
+            except (ValueError, KeyError, OSError) as exc:  # zarr errors, a half-written zarr.json
+                last = exc
+            time.sleep(0.02 * (attempt + 1))
+        if isinstance(last, OSError) and not isinstance(last, zarr.errors.BaseZarrError):
+            raise last  # storage I/O: the task's retry policy judges it (transient or not)
+        detail = " ".join(str(last).split())[:200] if last is not None else ""
+        raise StoreError(
+            f"cannot open or create array {path} in {redact(self.url)}: {type(last).__name__}: {detail}"
+        ) from None
 
     def remove(self, path: str, *, layer: str | None = None) -> None:
         """Delete an array or group (e.g. `remove("partial", layer=name)`); absent is fine."""
@@ -477,10 +663,28 @@ class AtlasStore:
         root.attrs.update({"skipped": [current[i] for i in sorted(current)]})
 
     # --- completion markers -------------------------------------------------------------------
-    def mark_done(self, key: str) -> None:
-        """Write the completion marker `key` (call after the data is written)."""
+    def marker(self, key: str) -> dict[str, Any] | None:
+        """The body of marker `key` ({key, time, info?}), None if absent."""
+        raw = self._objects.get(f"{_DONE}/{_check_key(key)}")
+        if raw is None:
+            return None
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def mark_done(self, key: str, info: Mapping[str, Any] | None = None) -> None:
+        """Write the completion marker `key` (call after the data is written). When this run's lease
+        token is known (`lease_token`, or the registered provider), LeaseLostError if the store's
+        lease is no longer held by it."""
         self._writable()
-        body = json.dumps({"key": _check_key(key), "time": _iso(time.time())}).encode()
+        _check_key(key)
+        self.check_lease()  # a run that lost the store's lease must not mark work done
+        doc: dict[str, Any] = {"key": key, "time": _iso(time.time())}
+        if info:
+            doc["info"] = json.loads(json.dumps(dict(info)))
+        body = json.dumps(doc).encode()
         self._objects.put(f"{_DONE}/{key}", body)
 
     def is_done(self, key: str) -> bool:
@@ -497,65 +701,252 @@ class AtlasStore:
 
     # --- lease --------------------------------------------------------------------------------
     def _read_lease(self) -> dict[str, Any] | None:
-        raw = self._objects.get(_LEASE)
-        if raw is None:
+        found = self._read_lease_versioned()
+        return None if found is None else found[0]
+
+    def _read_lease_versioned(self) -> tuple[dict[str, Any], str] | None:
+        found = self._objects.read_versioned(_LEASE)
+        if found is None:
             return None
         try:
-            lease: dict[str, Any] = json.loads(raw)
+            lease = json.loads(found[0])
         except ValueError:
-            return None
-        return lease
+            lease = {}
+        return (lease if isinstance(lease, dict) else {}), found[1]
+
+    def _lease_body(self, owner: str, token: str, ttl_s: float) -> bytes:
+        expires = time.time() + ttl_s
+        body = {
+            "owner": owner,
+            "token": token,
+            **holder_identity(),
+            "expires": expires,
+            "expires_utc": _iso(expires),
+        }
+        return json.dumps(body).encode()
+
+    def _write_lease(self, owner: str, token: str, ttl_s: float) -> None:
+        """Unconditional write of a lease (tests: simulate another holder)."""
+        self._objects.put(_LEASE, self._lease_body(owner, token, ttl_s))
+
+    def _held_by_other(self, held: Mapping[str, Any], token: str) -> bool:
+        """Whether `held` is a live lease of someone else: not expired, and not held by a process of
+        this host that no longer exists (taken over at once, with a log line)."""
+        if held.get("token") in (None, token) or float(held.get("expires", 0)) <= time.time():
+            return False
+        if holder_is_dead(held):
+            log.warning(
+                "taking over the lease on %s at once: its holder %s (pid %s on this host) no longer exists",
+                redact(self.url),
+                held.get("owner"),
+                held.get("pid"),
+            )
+            return False
+        return True
+
+    def _locked_message(self, held: Mapping[str, Any]) -> str:
+        where = (
+            f" (holder: host {held['host']} pid {held['pid']})" if "host" in held and "pid" in held else ""
+        )
+        return (
+            f"store {redact(self.url)} is leased by {held.get('owner')} until "
+            f"{_iso(float(held.get('expires', 0)))}; wait for it or use another --out{where}"
+        )
 
     def _check_lease(self, token: str) -> None:
         held = self._read_lease()
-        if held is not None and held.get("token") != token and float(held.get("expires", 0)) > time.time():
-            raise StoreLockedError(
-                f"store {redact(self.url)} is leased by {held.get('owner')} until "
-                f"{_iso(float(held['expires']))}; wait for it or use another --out"
+        if held is not None and self._held_by_other(held, token):
+            raise StoreLockedError(self._locked_message(held))
+
+    def _acquire(self, owner: str, token: str, ttl_s: float) -> None:
+        """Take the lease atomically: create it if absent, else replace an expired, released or
+        dead-holder lease only if nobody changed it since we read it (so of two takers, one wins)."""
+        for _ in range(5):
+            found = self._read_lease_versioned()
+            if found is None:
+                if self._objects.create_exclusive(_LEASE, self._lease_body(owner, token, ttl_s)):
+                    return
+                continue  # another taker created it first: judge its lease
+            held, version = found
+            if self._held_by_other(held, token):
+                raise StoreLockedError(self._locked_message(held))
+            if self._objects.replace_if(_LEASE, self._lease_body(owner, token, ttl_s), version):
+                return
+        held = self._read_lease() or {}
+        raise StoreLockedError(self._locked_message(held))
+
+    def check_lease(self, tokens: str | Sequence[str] | None = None) -> None:
+        """LeaseLostError unless the store's lease is live and held by `tokens` (one token or a set;
+        default: this handle's `lease_token`, else the registered token provider's). No-op when no
+        token is known (a run without a lease: library use, tests)."""
+        if tokens is None:
+            tokens = [self.lease_token] if self.lease_token else lease_tokens()
+        wanted = {tokens} if isinstance(tokens, str) else set(tokens)
+        if not wanted:
+            return
+        held = self._read_lease()
+        if held is None or held.get("token") not in wanted:
+            who = "nobody" if not held or not held.get("token") else str(held.get("owner"))
+            raise LeaseLostError(
+                f"this run lost the lease of {redact(self.url)} (now held by {who}); "
+                "it stopped writing: another run owns the store"
+            )
+        if float(held.get("expires", 0)) <= time.time():
+            raise LeaseLostError(
+                f"this run's lease of {redact(self.url)} expired at {_iso(float(held.get('expires', 0)))} "
+                "(not refreshed in time); it stopped writing: rerun to resume"
             )
 
-    def _write_lease(self, owner: str, token: str, ttl_s: float) -> None:
-        expires = time.time() + ttl_s
-        body = {"owner": owner, "token": token, "expires": expires, "expires_utc": _iso(expires)}
-        self._objects.put(_LEASE, json.dumps(body).encode())
-
     @contextlib.contextmanager
-    def lease(self, owner: str, ttl_s: float = 60.0) -> Iterator[None]:
-        """Hold the store's lease (advisory lock) while the block runs; refreshed every ttl/3.
+    def lease(self, owner: str, ttl_s: float = 60.0) -> Iterator[str]:
+        """Hold the store's lease (one writer at a time) while the block runs; yields its token.
 
-        StoreLockedError if another live lease is held; an expired one is taken over.
+        Taken atomically (see `_acquire`); refreshed every ttl/3 by a compare-and-swap on the lease
+        this run wrote. StoreLockedError if another live lease is held; an expired one, or one whose
+        holder is a process of this host that no longer exists, is taken over. While held, this
+        handle's `lease_token` is set and `mark_done` checks it; LeaseLostError when the block ends
+        if another run took the lease over meanwhile.
         """
         if ttl_s <= 0:
             raise ValueError("lease ttl_s must be positive")
         self._writable()
         token = uuid.uuid4().hex
-        self._check_lease(token)
-        self._write_lease(owner, token, ttl_s)
-        time.sleep(min(0.25, ttl_s / 10))  # let a concurrent taker's write land, then re-check
-        self._check_lease(token)
+        self._acquire(owner, token, ttl_s)
+        self.lease_token = token
         stop = threading.Event()
+        lost = threading.Event()
 
         def heartbeat() -> None:
             while not stop.wait(ttl_s / 3):
                 try:
-                    held = self._read_lease()
-                    if held is None or held.get("token") != token:
-                        log.warning("lease on %s was lost; stopped refreshing it", redact(self.url))
+                    found = self._read_lease_versioned()
+                    if (
+                        found is None
+                        or found[0].get("token") != token
+                        or not self._objects.replace_if(
+                            _LEASE, self._lease_body(owner, token, ttl_s), found[1]
+                        )
+                    ):
+                        lost.set()
+                        log.error(
+                            "lease on %s was lost to another run; stopped refreshing it", redact(self.url)
+                        )
                         return
-                    self._write_lease(owner, token, ttl_s)
                 except Exception as exc:  # transient store errors: retry at the next beat
                     log.warning("could not refresh the lease on %s: %s", redact(self.url), type(exc).__name__)
 
         thread = threading.Thread(target=heartbeat, name=f"rfatlas-lease-{owner}", daemon=True)
         thread.start()
         try:
-            yield
+            yield token
+        except BaseException:
+            raise
+        else:
+            if lost.is_set():
+                raise LeaseLostError(
+                    f"this run lost the lease of {redact(self.url)} while it ran; another run owns the store now"
+                )
         finally:
             stop.set()
             thread.join()
-            held = self._read_lease()
-            if held is not None and held.get("token") == token:
-                self._objects.delete(_LEASE)
+            self.lease_token = None
+            with contextlib.suppress(Exception):
+                found = self._read_lease_versioned()
+                if found is not None and found[0].get("token") == token:
+                    self._objects.delete_if(_LEASE, found[1])
+
+
+# --- lease holders and tokens ------------------------------------------------------------------------
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _proc_start(pid: int) -> int | None:
+    """Start time of process `pid` (clock ticks since boot; Linux), to tell a reused pid apart."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _machine() -> str:
+    """This kernel and pid namespace (boot id + pid namespace): processes of another container or
+    machine with the same host name are not ours to judge."""
+    ns = ""
+    with contextlib.suppress(OSError):
+        ns = os.readlink("/proc/self/ns/pid")
+    return f"{_read_text('/proc/sys/kernel/random/boot_id') or ''}/{ns}"
+
+
+def holder_identity() -> dict[str, Any]:
+    """Structured identity of this process as a lease holder: host, pid, pid start, machine."""
+    import getpass
+    import socket
+
+    user = ""
+    with contextlib.suppress(Exception):
+        user = getpass.getuser()
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "pid": pid,
+        "pid_start": _proc_start(pid),
+        "machine": _machine(),
+        "user": user,
+    }
+
+
+def holder_is_dead(held: Mapping[str, Any]) -> bool:
+    """True when the lease holder was a process on this host (same machine and pid namespace) that
+    no longer exists (or whose pid now belongs to another process). A remote holder is never judged
+    dead here: its lease expires by TTL."""
+    import socket
+
+    pid = held.get("pid")
+    if not isinstance(pid, int) or held.get("host") != socket.gethostname():
+        return False
+    if not held.get("machine") or held.get("machine") != _machine():
+        return False
+    if pid == os.getpid():
+        return False  # this very process holds it (another handle or thread): alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # exists, owned by another user
+    stat = _read_text(f"/proc/{pid}/stat")
+    if stat and stat.rpartition(")")[2].split()[:1] == ["Z"]:
+        return True  # killed, not yet reaped
+    start = held.get("pid_start")
+    return isinstance(start, int) and _proc_start(pid) not in (None, start)
+
+
+_TOKEN_PROVIDERS: list[Any] = []
+
+
+def set_lease_token_provider(provider: Any) -> None:
+    """Register `provider() -> iterable of lease tokens` of the run the calling code belongs to
+    (`tasks.policy` reads them from the Prefect task run's tags, so tasks on Dask workers check the
+    lease before every completion marker). The env var RFATLAS_LEASE_TOKEN is always consulted."""
+    if provider not in _TOKEN_PROVIDERS:
+        _TOKEN_PROVIDERS.append(provider)
+
+
+def lease_tokens() -> list[str]:
+    """Lease tokens of the current run (providers, then RFATLAS_LEASE_TOKEN); [] when unknown."""
+    out: list[str] = []
+    for provider in _TOKEN_PROVIDERS:
+        with contextlib.suppress(Exception):
+            out += [str(t) for t in provider() or ()]
+    env = os.environ.get(LEASE_TOKEN_ENV, "")
+    out += [t for t in env.split(",") if t]
+    return out
 
 
 # --- read API ---------------------------------------------------------------------------------------

@@ -532,6 +532,24 @@ class SweepRunner:
         self.reducers = {
             n: LayerReducer(channels[n], g, k=k, device=self.device) for n, g in geometries.items()
         }
+        #: dataset indices of images with NaN/inf activations, per layer (kept out of the reducers)
+        self.nonfinite: dict[str, list[int]] = {}
+
+    def _add(
+        self, name: str, r: LayerReducer, acts: Tensor, images: Tensor, indices: Tensor, pooled: BatchPools
+    ) -> Tensor:
+        """Feed the reducer only images whose activations in this layer are all finite (a NaN would
+        poison the sums, the max and the top-k); the others get -inf maxima (NaN means a skipped
+        image) and are listed in `nonfinite[name]`."""
+        bad = ~torch.isfinite(acts.flatten(1)).all(dim=1)
+        if not bool(bad.any()):
+            return r.add(acts, images, indices, pooled=pooled)[0]
+        self.nonfinite.setdefault(name, []).extend(int(i) for i in indices[bad].tolist())
+        keep = ~bad
+        out = torch.full((acts.shape[0], r.channels), -math.inf, dtype=torch.float32, device=r.device)
+        if bool(keep.any()):
+            out[keep.to(r.device)] = r.add(acts[keep], images[keep], indices[keep])[0]
+        return out
 
     def step(self, images: Tensor, indices: Tensor) -> dict[str, Tensor]:
         """Feed one batch (uint8 images, pinned on CUDA for async copies); returns each layer's
@@ -546,7 +564,7 @@ class SweepRunner:
             with autocast(self.device, self.amp):
                 outputs = cap.run(self.preprocessing.normalize(images))
             pooled = BatchPools(images)
-            maxima = [r.add(outputs[n], images, indices, pooled=pooled)[0] for n, r in self.reducers.items()]
+            maxima = [self._add(n, r, outputs[n], images, indices, pooled) for n, r in self.reducers.items()]
         host = torch.cat(maxima, dim=1).cpu()  # one device-to-host copy per batch
         sizes = [r.channels for r in self.reducers.values()]
         return dict(zip(self.reducers, torch.split(host, sizes, dim=1), strict=True))

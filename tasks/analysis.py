@@ -33,14 +33,14 @@ def plan_units(name: str, store_url: str, options: dict[str, Any]) -> list[Unit]
 
 @task(name="analysis", task_run_name=_unit_run_name, **TASK_OPTIONS)
 def run_unit(name: str, store_url: str, unit: Unit, device: str = "auto") -> dict[str, Any]:
-    """Run one unit (skipped when its marker exists), then write its marker when it is complete."""
+    """Run one unit (skipped when its marker exists), then write its marker."""
     store = AtlasStore.open(store_url, "r+")
-    if unit.complete and store.is_done(unit.key):
+    if store.is_done(unit.key):
         return {"key": unit.key, "cached": True}
     configure_threads_from_env()
-    out = get_analysis(name).run(store, unit, WorkerResources(store.run, device))
-    if unit.complete:
-        store.mark_done(unit.key)
+    analysis = get_analysis(name)
+    out = analysis.run(store, unit, WorkerResources(store.run, device, labels=analysis.uses_labels))
+    store.mark_done(unit.key)
     return {"key": unit.key, "cached": False, **out}
 
 

@@ -15,8 +15,15 @@ from typing import Any
 from prefect import task
 
 from rfcore import pipeline
+from rfcore.store import AtlasStore
 from tasks.policy import GPU_TAG, TASK_OPTIONS, task_logger
 from tasks.runtime import cached_dataset, cached_model, configure_threads_from_env
+
+
+def _fingerprint(store_url: str) -> str | None:
+    """The data fingerprint the atlas was made with (a cached dataset that differs is reopened)."""
+    fingerprint = AtlasStore.open(store_url).run.get("data_fingerprint")
+    return None if fingerprint is None else str(fingerprint)
 
 
 def _where() -> str:
@@ -86,8 +93,8 @@ def sweep_shard(
     Returns {shard, images, skipped, seconds, cached, worker, load_seconds}."""
     t0 = time.perf_counter()
     threads = configure_threads_from_env()
-    net = cached_model(model, weights, device, seed)
-    dataset = cached_dataset(data, image_size, resize)
+    net = cached_model(model, weights, device, seed)  # keyed by the checkpoint's digest
+    dataset = cached_dataset(data, image_size, resize, _fingerprint(store_url))
     load = time.perf_counter() - t0
     out = pipeline.sweep_shard(store_url, shard, model=net, dataset=dataset, device=device)
     out.update(worker=_where(), load_seconds=load, threads=threads)
@@ -113,6 +120,7 @@ def crop_patches(
 ) -> dict[str, Any]:
     """Top-k patches of a merged layer; re-reads only the winning images."""
     configure_threads_from_env()
-    out = pipeline.crop_patches(store_url, layer, dataset=cached_dataset(data, image_size, resize))
+    dataset = cached_dataset(data, image_size, resize, _fingerprint(store_url))
+    out = pipeline.crop_patches(store_url, layer, dataset=dataset)
     task_logger().info("cropped %s: %d images re-read in %.2f s", layer, out["images"], out["seconds"])
     return out

@@ -43,3 +43,14 @@ def test_rfcore_never_imports_orchestration() -> None:
                 f"{path.name}: {n}" for n in names if n.split(".")[0] in {"prefect", "dask", "distributed"}
             ]
     assert offenders == []
+
+
+def test_import_layers_contract() -> None:
+    """import-linter (`[tool.importlinter]` in pyproject.toml): flows -> tasks -> rfcore, never upwards,
+    and rfcore imports no orchestration library; bench sits on top (no package imports it)."""
+    exe = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(exe), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for package in ("rfcore", "tasks", "flows"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            assert "import bench" not in path.read_text() and "from bench" not in path.read_text(), path

@@ -3,13 +3,19 @@
     pip install dask-jobqueue
     python deploy/dask/jobqueue.py --queue gpu --jobs 4 --account myproj
 
-Swap SLURMCluster for PBSCluster / SGECluster / LSFCluster as your site needs.
+Swap SLURMCluster for PBSCluster / SGECluster / LSFCluster as your site needs. TLS is on by default
+(deploy/dask/tls.py; `--tls-dir` must be on a file system the jobs see; `--insecure` turns it off).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tls  # deploy/dask/tls.py, next to this file
 
 
 def main() -> None:
@@ -22,7 +28,9 @@ def main() -> None:
     p.add_argument("--cores", type=int, default=8)
     p.add_argument("--memory", default="32GB")
     p.add_argument("--walltime", default="04:00:00")
+    tls.add_arguments(p)
     args = p.parse_args()
+    security, protocol = tls.from_args(args)
     cluster = SLURMCluster(
         queue=args.queue,
         account=args.account,
@@ -37,6 +45,8 @@ def main() -> None:
             "export PREFECT_SERVER_ANALYTICS_ENABLED=false",
         ],
         scheduler_options={"port": 8786},
+        security=security,
+        protocol=protocol,
     )
     cluster.scale(jobs=args.jobs)
     print(cluster.scheduler_address, flush=True)

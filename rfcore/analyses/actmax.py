@@ -78,15 +78,12 @@ class Actmax(Analysis):
                     store, model, layer, objective, config=config, seed=opts.seed, block_size=opts.block_size
                 )
                 for block, chans in am.plan_blocks(wanted, opts.block_size):
-                    full = chans == list(
-                        range(block * opts.block_size, min((block + 1) * opts.block_size, counts[layer]))
-                    )
+                    full = range(block * opts.block_size, min((block + 1) * opts.block_size, counts[layer]))
                     units.append(
                         Unit(
-                            am.block_key(layer, objective, block),
+                            am.block_key(layer, objective, block, None if chans == list(full) else chans),
                             layer,
                             {"objective": objective, "block": block, "channels": chans},
-                            complete=full,
                         )
                     )
         pending = set(store.pending([u.key for u in units]))

@@ -97,6 +97,7 @@ class Noise(Analysis):
     Options: ClassVar[type[Any]] = NoiseOptions
     uses_model = True
     uses_data = True
+    uses_labels = True  # cross-entropy and top-k accuracy against the labels
     order = 20
 
     def _layer(self, store: AtlasStore, opts: NoiseOptions) -> str:

@@ -59,17 +59,39 @@ class Virtual(Analysis):
         write_virtual(store, vf)
         return {"layer": unit.layer, "source": vf.source, "shape": list(vf.weight.shape)}
 
+    def _layers(self, atlas: Atlas) -> list[str]:
+        keys = atlas.store.done_keys("virtual")
+        return sorted(k.removeprefix("virtual/") for k in keys)
+
+    def report_index(self, atlas: Atlas, assets: Assets) -> Section | None:
+        """Fig. 3 of the paper: per layer, the virtual filters of its first channels."""
+        parts = []
+        for layer in self._layers(atlas):
+            node = atlas.store.root[f"layers/{layer}/virtual_filter"]
+            images = "".join(
+                f'<img src="{src}" alt="{layer} channel {c}" title="channel {c}">'
+                for c in range(min(16, int(node.shape[0])))
+                if (src := self._filter_image(atlas, layer, c, assets))
+            )
+            parts.append(f"<h3>{layer} (through {node.attrs.get('source')})</h3><p>{images}</p>")
+        return Section("Virtual filters (paper Fig. 3)", "".join(parts)) if parts else None
+
+    def _filter_image(self, atlas: Atlas, layer: str, channel: int, assets: Assets) -> str | None:
+        """An RGB virtual filter as an image, scaled symmetrically around grey (None if not RGB)."""
+        w = np.asarray(atlas.store.root[f"layers/{layer}/virtual_filter"][channel], dtype=np.float64)
+        if w.shape[0] != 3:
+            return None
+        scale = max(float(np.abs(w).max()), 1e-12)
+        return assets.image(f"{layer}/c{channel:04d}-virtual", 127.5 + 127.5 * w / scale)
+
     def report_channel(self, atlas: Atlas, layer: str, channel: int, assets: Assets) -> Section | None:
         node = atlas.store.root.get(f"layers/{layer}/virtual_filter")
         if not isinstance(node, zarr.Array):
             return None
-        w = np.asarray(node[channel], dtype=np.float64)  # (in_channel, ky, kx)
         coupling = np.asarray(atlas.store.root[f"layers/{layer}/virtual_coupling"][channel])
         source = str(node.attrs.get("source"))
-        html = ""
-        if w.shape[0] == 3:  # an RGB filter: show it as an image, scaled symmetrically around grey
-            scale = max(float(np.abs(w).max()), 1e-12)
-            html += f'<img src="{assets.image(f"{layer}/c{channel:04d}-virtual", 127.5 + 127.5 * w / scale)}" alt="virtual filter">'
+        src = self._filter_image(atlas, layer, channel, assets)
+        html = f'<img src="{src}" alt="virtual filter">' if src else ""
 
         def draw(ax: Any) -> None:
             ax.bar(range(len(coupling)), coupling, color="#4a7")

@@ -229,4 +229,3 @@ def test_options_for_analyses_not_run_or_unknown_are_refused_before_any_write(
     assert main([*base, "--analyses", "noise", "--option", "noise.sigmaa=2"]) == 2
     assert "did you mean 'sigma'" in capsys.readouterr().err
     assert not (tmp_path / "a.zarr").exists()
-

@@ -83,7 +83,8 @@ def test_actmax_equals_actmax(atlas: tuple[str, torch.nn.Module], objective: str
         )
         assert got.tobytes() == want.image.numpy().tobytes()
     assert store.is_done(am.block_key("layer1.0", objective, 0))
-    assert not store.is_done(am.block_key("layer1.0", objective, 1))  # 4-5 of 4-7: a partial block
+    assert not store.is_done(am.block_key("layer1.0", objective, 1))  # 4-5 of 4-7: a part, marked apart
+    assert store.is_done(am.block_key("layer1.0", objective, 1, [4, 5]))
 
 
 def test_virtual_equals_virtual_filter(atlas: tuple[str, torch.nn.Module], tmp_path: Path) -> None:

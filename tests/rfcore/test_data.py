@@ -342,8 +342,10 @@ def test_ingest_round_trip_local_with_bad_files(folder: Path, tmp_path: Path) ->
 
 def test_ingest_memory_is_idempotent_and_chunked_reads_cross_chunks() -> None:
     url = "memory://rfatlas-test-ingest/syn.zarr"
-    ingest("synthetic:40", url, size=16, progress=False)
-    ingest("synthetic:30", url, size=16, progress=False)  # overwrites cleanly
+    ingest("synthetic:30", url, size=16, resize=20, progress=False)
+    ingest("synthetic:30", url, size=16, progress=False)  # same spec: overwrites cleanly
+    with pytest.raises(DataError, match="ingested from 'synthetic:30', not 'synthetic:40'; refusing"):
+        ingest("synthetic:40", url, size=16, progress=False)  # another spec: refused, nothing written
     fs = fsspec.filesystem("memory")
     stored = open_dataset(f"zarr:{url}", size=16)
     assert len(stored) == 30 and stored.num_classes == 10
