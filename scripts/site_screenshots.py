@@ -58,6 +58,8 @@ def main() -> None:
                 "document.querySelectorAll('img[loading=lazy]').forEach(i => { i.loading = 'eager'; })"
             )
             page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+            tall = name == "site-channel.png"  # down to the analyses' sections
+            page.set_viewport_size({"width": 1200, "height": 1250 if tall else 820})
             size = _save(page.screenshot(), out / name)
             print(f"{out / name}: {size / 1000:.0f} KB")
         browser.close()

@@ -275,3 +275,30 @@ def test_site_on_s3(tiny_atlas: tuple[str, dict[str, Any]], s3_bucket: str) -> N
         assert np.array_equal(
             np.asarray(im.convert("RGB")).transpose(2, 0, 1), data["layer1.0"]["topk/patch"][0, 0]
         )
+
+
+@pytest.mark.parametrize("kind", ["mapping", "matrix"])
+def test_comparison_shows_cross_block_similarity(
+    tiny_kit: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """When `rfcore.similarity.cross_block_similarity` exists, the comparison page shows it (a table
+    for a mapping, a matplotlib heat map for a matrix)."""
+    import sys
+    import types
+
+    fake = types.ModuleType("rfcore.similarity")
+    values: Any = {"layer1.0 vs layer2.0": 0.25} if kind == "mapping" else np.eye(3)
+    fake.cross_block_similarity = lambda atlas: values  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "rfcore.similarity", fake)
+    a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    tiny_kit.make(a)
+    tiny_kit.make(b)
+    out = tmp_path / "site"
+    write_site([a, b], str(out))
+    check_links(out)
+    compare = (out / "compare.html").read_text()
+    assert "<h2>Cross-block similarity</h2>" in compare
+    if kind == "mapping":
+        assert "layer1.0 vs layer2.0" in compare and "0.25" in compare
+    else:
+        assert 'src="img/similarity-a.png"' in compare and (out / "img" / "similarity-b.png").exists()
