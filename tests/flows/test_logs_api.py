@@ -1,5 +1,5 @@
 """Monitoring: a quiet `rfatlas run` (no -v) against a real `prefect server` still sends the atlas
-flow's and its Dask tasks' INFO logs to the API (the UI's Logs tab), while the terminal shows no
+flow's, its Dask tasks' and its analysis subflows' INFO logs to the API (the UI's Logs tab), while the terminal shows no
 INFO log lines (only the progress bar and the summary); the store records the flow run's UI URL."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def test_quiet_cli_run_logs_reach_the_api(api_server: Server, tmp_path: Path) ->
     out = tmp_path / "atlas.zarr"
     cmd = [sys.executable, "-m", "flows.cli", "run", "--model", "resnet10t", "--data", "synthetic:8",
            "--layers", "conv1", "--k", "2", "--shard-size", "8", "--batch-size", "8", "--workers", "1",
-           "--device", "cpu", "--out", str(out)]  # fmt: skip
+           "--device", "cpu", "--analyses", "sweep,inactive", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{_tail(prefect_server.log)}"
     terminal = proc.stdout + proc.stderr
@@ -88,6 +88,17 @@ def test_quiet_cli_run_logs_reach_the_api(api_server: Server, tmp_path: Path) ->
     assert any("task runner:" in m for m in flow_logs), flow_logs
     assert any("done in" in m for m in flow_logs), flow_logs
     assert any(m.startswith("merged conv1") for m in task_logs), task_logs  # from the Dask worker
+
+    # the analysis subflow (named by its template) sends its own flow and task logs too
+    subs = _post(api, "/flow_runs/filter", {"flows": {"name": {"any_": ["analysis"]}}})
+    assert [r["name"] for r in subs] == ["inactive"] and subs[0]["parent_task_run_id"]
+    sub_logs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline + 10 and not any(lg["task_run_id"] for lg in sub_logs):
+        sub_logs = _post(api, "/logs/filter", {"logs": {"flow_run_id": {"any_": [subs[0]["id"]]}}})
+        time.sleep(0.5)
+    assert any(lg["task_run_id"] for lg in sub_logs) and any(not lg["task_run_id"] for lg in sub_logs), (
+        sub_logs
+    )
 
     # the store names the run that made it (the site links to it)
     root = zarr.open_group(str(out), mode="r")
