@@ -39,7 +39,8 @@ def test_demo_flow_small(dask_runner: Any, tmp_path: Path) -> None:
         assert verify_store(r["store"]) == [], m
         assert 0.0 <= r["val_accuracy"] <= 1.0 and r["layers"] == ["conv1", "maxpool", "layer4.0"]
         assert len(r["notable"]) == 3 and r["notable"][0]["layer"] == "layer4.0"
-        assert Path(r["report"]).exists() and r["inactive"] is not None
+        assert Path(r["report"]).exists() and any("inactive" in f for f in r["findings"])
+    assert Path(res["site"]).exists() and (Path(res["site"]).parent / "compare.html").exists()
     text = format_findings(res)
     assert "resnet10t: validation accuracy" in text and "plainnet10t" in text and "store:" in text
 
