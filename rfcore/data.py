@@ -121,6 +121,11 @@ class ImageDataset(abc.ABC):
     def get(self, index: int) -> tuple[np.ndarray, int]:
         """uint8 ``(3, S, S)`` image and label (-1 if unlabelled); BadImageError if unreadable."""
 
+    def get_original(self, index: int) -> tuple[np.ndarray, int]:
+        """uint8 ``(3, H, W)`` image before resizing and centre-cropping (what training crops from,
+        paper §3.1), and its label; datasets that keep no original return :meth:`get`."""
+        return self.get(index)
+
     def describe(self, index: int) -> str:
         """Where image ``index`` comes from: a file path or ``spec[index]``."""
         return f"{self.spec}[{index}]"
@@ -146,102 +151,16 @@ class ImageDataset(abc.ABC):
 
 # ---------------------------------------------------------------------------------------------- synthetic
 
-
-@dataclass(frozen=True)
-class SyntheticClass:
-    """Ground truth of one synthetic class.
-
-    ``orientation``: angle of the bars in degrees, counter-clockwise from horizontal (the grating's wave
-    vector is perpendicular to it); ``cycles``: grating periods per image side; ``colour``: the opponent
-    axis the grating modulates ("red-green" or "blue-yellow").
-    """
-
-    name: str
-    orientation: float
-    cycles: float
-    colour: str
+_SYNTHETIC_NAMES = ("SYNTHETIC_CLASSES", "SyntheticClass", "SyntheticDataset", "synthetic_image")
 
 
-_LOW, _HIGH = 3.0, 8.0
-_OPPONENT = {"red-green": (0.5, -0.5, 0.0), "blue-yellow": (0.35, 0.35, -0.5)}
-SYNTHETIC_CLASSES: tuple[SyntheticClass, ...] = tuple(
-    SyntheticClass(f"{o:g}deg-{'low' if c == _LOW else 'high'}sf-{col.replace('-', '')}", o, c, col)
-    for o, c, col in (
-        (0.0, _LOW, "red-green"),
-        (45.0, _LOW, "red-green"),
-        (90.0, _LOW, "red-green"),
-        (135.0, _LOW, "red-green"),
-        (0.0, _HIGH, "blue-yellow"),
-        (45.0, _HIGH, "blue-yellow"),
-        (90.0, _HIGH, "blue-yellow"),
-        (135.0, _HIGH, "blue-yellow"),
-        (0.0, _HIGH, "red-green"),
-        (90.0, _LOW, "blue-yellow"),
-    )
-)
-_SPLIT_SEEDS = {"synthetic": 0x5EED_0A1, "synthetic-train": 0x5EED_7A1}
+def __getattr__(name: str) -> Any:
+    """The synthetic dataset lives in `rfcore.synthetic`; its names stay importable from here."""
+    if name in _SYNTHETIC_NAMES:
+        import rfcore.synthetic
 
-
-def _interp_weights(u: np.ndarray, cells: int) -> np.ndarray:
-    """(len(u), cells+1) linear-interpolation weights of positions u in [0, 1] on a grid of cells."""
-    pos = np.clip(u, 0.0, 1.0) * cells
-    lo = np.minimum(pos.astype(np.int64), cells - 1)
-    frac = pos - lo
-    w = np.zeros((u.size, cells + 1))
-    rows = np.arange(u.size)
-    w[rows, lo] = 1.0 - frac
-    w[rows, lo + 1] = frac
-    return w
-
-
-def synthetic_image(split: str, index: int, size: int, resize: int | None = None) -> tuple[np.ndarray, int]:
-    """Image ``index`` of a synthetic split, rendered at ``resize`` and centre-cropped to ``size``.
-
-    A coloured opponent grating (sinusoid or square-wave edges) of the class's orientation, spatial
-    frequency and colour axis, under a Gaussian envelope at a random position, on a random smooth
-    colour texture plus pixel noise. Phase, position, contrast, +-7.5 deg orientation and +-10 %
-    frequency jitter are drawn from a generator seeded by (split, index) only.
-    """
-    resize = size if resize is None else resize
-    label = index % len(SYNTHETIC_CLASSES)
-    cls = SYNTHETIC_CLASSES[label]
-    rng = np.random.default_rng([_SPLIT_SEEDS[split], index])
-    top = round((resize - size) / 2)
-    u = (np.arange(size) + top + 0.5) / resize
-    x, y = u[None, :], u[:, None]
-    weights = _interp_weights(u, 6)
-    texture = weights @ rng.standard_normal((3, 7, 7)) @ weights.T
-    image = rng.uniform(0.35, 0.65) + rng.uniform(0.05, 0.15) * texture
-    noise = np.random.default_rng([_SPLIT_SEEDS[split], index, 1]).standard_normal((3, resize, resize))
-    image += rng.uniform(0.01, 0.04) * noise[:, top : top + size, top : top + size]
-    theta = np.deg2rad(cls.orientation + rng.uniform(-7.5, 7.5))
-    freq = cls.cycles * rng.uniform(0.9, 1.1)
-    wave = np.sin(2 * np.pi * freq * (-np.sin(theta) * x - np.cos(theta) * y) + rng.uniform(0, 2 * np.pi))
-    if rng.random() < 0.5:
-        wave = np.tanh(3.0 * wave) / np.tanh(3.0)
-    cy, cx = rng.uniform(0.3, 0.7, size=2)
-    sigma = rng.uniform(0.2, 0.35)
-    envelope = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
-    amplitude = rng.uniform(0.5, 1.0) * 0.8
-    image += amplitude * np.asarray(_OPPONENT[cls.colour])[:, None, None] * (envelope * wave)[None]
-    return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), label
-
-
-class SyntheticDataset(ImageDataset):
-    """Procedural images whose 10 classes differ only in orientation, spatial frequency and colour."""
-
-    def __init__(self, split: str, n: int, size: int, resize: int) -> None:
-        super().__init__(f"{split}:{n}", size, resize, [c.name for c in SYNTHETIC_CLASSES])
-        self.split, self.n = split, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def get(self, index: int) -> tuple[np.ndarray, int]:
-        return synthetic_image(self.split, self._check_index(index), self.size, self.resize)
-
-    def describe(self, index: int) -> str:
-        return f"{self.split}[{index}]"
+        return getattr(rfcore.synthetic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -297,6 +216,10 @@ class FileDataset(ImageDataset):
     def get(self, index: int) -> tuple[np.ndarray, int]:
         image, label = self.decode(index)
         return _preprocess(image, self.size, self.resize), label
+
+    def get_original(self, index: int) -> tuple[np.ndarray, int]:
+        image, label = self.decode(index)
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)), label
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -591,6 +514,8 @@ def open_dataset(spec: str, *, size: int, resize: int | None = None) -> ImageDat
         n = _parse_count(spec, arg if sep else None, 2000 if kind == "synthetic" else 10000)
         if n == 0:
             raise DataError(f"{spec}: empty dataset (0 images)")
+        from rfcore.synthetic import SyntheticDataset
+
         return SyntheticDataset(kind, n, size, resize)
     if kind == "imagefolder" and arg:
         return _open_folder(spec, arg, size, resize)

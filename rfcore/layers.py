@@ -184,6 +184,121 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
     return [name for name in names if name in wanted]
 
 
+@dataclass(frozen=True)
+class Response:
+    """Which tensor stands for a layer's activation (paper §3.5: activation after the nonlinearity).
+
+    `module` is the module whose output is captured; with `relu`, `max(output, 0)` is taken (the
+    ReLU that follows is a module shared by several calls, e.g. ResNet's per-block `relu`).
+    `tensor` says it in words for the layer attrs, e.g. "relu(bn1(conv1))"."""
+
+    layer: str
+    module: str
+    relu: bool
+    tensor: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (layer attrs `response`)."""
+        return {"module": self.module, "relu": self.relu, "tensor": self.tensor}
+
+
+_RESPONSES: weakref.WeakKeyDictionary[nn.Module, dict[str, Response]] = weakref.WeakKeyDictionary()
+
+
+def _short(name: str) -> str:
+    """The last part of a module path (two when it is an index: `downsample.0`)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def response_map(model: nn.Module, input_size: int | None = None) -> dict[str, Response]:
+    """The post-nonlinearity response of every conv (the default capture of `capture(response=True)`).
+
+    One dummy forward records which module consumes each module's output: a conv followed by a
+    BatchNorm followed by a ReLU is captured after that ReLU (its output when the ReLU module runs
+    once per forward pass, else the BatchNorm output rectified); a conv followed directly by a ReLU
+    likewise; a conv whose BatchNorm output is not rectified next (ResNet's `bn2`, added to the skip
+    first) is captured after its BatchNorm. So a BatchNorm with γ < 0 cannot reverse the ranking of
+    a channel's units. Other layers (pools, blocks, ReLUs, linears) are their own response."""
+    cached = _RESPONSES.get(model)
+    if cached is not None:
+        return cached
+    size = default_input_size(model, input_size)
+    modules = dict(model.named_modules())
+    # (name, first input, its version before the call, output, its version after the call): a
+    # tensor changed in place in between (ResNet's `out += identity`) is not the same activation
+    events: list[tuple[str, Any, int, Any, int]] = []
+    calls: dict[str, int] = {}
+    before: dict[str, tuple[Any, int]] = {}
+
+    def version(t: Any) -> int:
+        return int(t._version) if isinstance(t, Tensor) else -1
+
+    def pre_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            first = inputs[0] if inputs else None
+            before[name] = (first, version(first))
+
+        return hook
+
+    def make_hook(name: str) -> _Hook:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            first, v = before.pop(name, (None, -1))
+            events.append((name, first, v, output, version(output)))
+
+        return hook
+
+    leaves = [n for n, m in modules.items() if n and next(m.children(), None) is None]
+    with model_lock(model):
+        handles = [modules[n].register_forward_pre_hook(pre_hook(n)) for n in leaves]
+        handles += [modules[n].register_forward_hook(make_hook(n)) for n in leaves]
+        try:
+            with torch.inference_mode(False):  # version counters (callers may be in inference mode)
+                run_dummy(model, dummy_input(model, size))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def consumer(after: int) -> int | None:
+        """The next module fed the unchanged output of event `after`."""
+        tensor, v = events[after][3], events[after][4]
+        for j in range(after + 1, len(events)):
+            if events[j][1] is tensor:
+                return j if events[j][2] == v else None
+        return None
+
+    out: dict[str, Response] = {}
+    for i, (name, *_) in enumerate(events):
+        if not isinstance(modules[name], nn.Conv2d) or calls.get(name) != 1:
+            continue
+        chain, j = [name], consumer(i)
+        if j is not None and isinstance(modules[events[j][0]], nn.modules.batchnorm._BatchNorm):
+            chain.append(events[j][0])
+            j = consumer(j)
+        text = _short(name)
+        for c in chain[1:]:
+            text = f"{_short(c)}({text})"
+        if j is not None and isinstance(modules[events[j][0]], nn.ReLU):
+            relu = events[j][0]
+            if calls.get(relu) == 1:
+                out[name] = Response(name, relu, False, f"{_short(relu)}({text})")
+            else:
+                out[name] = Response(name, chain[-1], True, f"relu({text})")
+        else:
+            out[name] = Response(name, chain[-1], False, f"{text} (no ReLU follows it directly)")
+    events.clear()
+    _RESPONSES[model] = out
+    return out
+
+
+def response_module(model: nn.Module, layer: str) -> Response:
+    """The response captured for `layer` (see `response_map`): for a conv, after the BN and ReLU
+    that follow it; any other layer is its own response. For act-max objectives and noise hooks."""
+    hit = response_map(model).get(layer)
+    return hit if hit is not None else Response(layer, layer, False, _short(layer))
+
+
 _MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_LOCK = threading.Lock()
 
@@ -211,6 +326,9 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
     captured output, so a captured conv output is not overwritten by the following ReLU; elsewhere
     it stays in place (no extra memory). With `stop_early`, the forward pass is
     cut off right after the last requested output is produced. Outputs keep their autograd graph.
+
+    With `response=True` a conv layer's output is its post-nonlinearity response (`response_map`:
+    the BatchNorm and ReLU that follow it); outputs stay keyed by the requested layer names.
     """
 
     def __init__(
@@ -220,6 +338,7 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
         *,
         edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
         stop_early: bool = False,
+        response: bool = False,
     ) -> None:
         self.model = model
         self.layers = list(dict.fromkeys(layers))
@@ -230,14 +349,19 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
         for name in [*self.layers, *self.edit]:
             if not name or name not in modules:
                 raise _unknown(model, name, [n for n in modules if n])
-        hooked = list(dict.fromkeys([*self.layers, *self.edit]))
+        self.responses = {
+            n: response_module(model, n) if response else Response(n, n, False, _short(n))
+            for n in self.layers
+        }
+        self._record = list(dict.fromkeys(r.module for r in self.responses.values()))
+        hooked = list(dict.fromkeys([*self._record, *self.edit]))
         self._modules = [(name, modules[name]) for name in hooked]
         self._handles: list[RemovableHandle] = []
         self._inplace: list[nn.Module] = []
         self._active = False
 
     def _hook(self, name: str) -> _Hook:
-        edit, record = self.edit.get(name), name in self.layers
+        edit, record = self.edit.get(name), name in self._record
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
             if threading.get_ident() != self._thread:
@@ -247,7 +371,7 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
             if record and isinstance(output, Tensor):
                 self.outputs[name] = output
                 self._storages.add(output.untyped_storage().data_ptr())
-            if self.stop_early and len(self.outputs) == len(self.layers):
+            if self.stop_early and len(self.outputs) == len(self._record):
                 raise _StopForward
             return output if edit is not None else None
 
@@ -293,9 +417,13 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
             self.model(x)
         except _StopForward:
             pass
-        for name in self.layers:
+        for name in self._record:
             if name not in self.outputs:
                 raise UnknownLayerError(
                     f"layer {name!r} of {model_name(self.model)} produced no tensor output"
                 )
+        raw = self.outputs
+        self.outputs = {
+            n: torch.relu(raw[r.module]) if r.relu else raw[r.module] for n, r in self.responses.items()
+        }
         return self.outputs

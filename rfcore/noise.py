@@ -5,8 +5,14 @@ inactive channel per mini-batch); `control` (into as many random *active* channe
 Noise is ε = max(σ·z, 0), z ~ N(0, 1) i.i.d. per position, added by a forward hook at the layer.
 
 Reproducibility: each image's noise comes from a counter-based hash of (seed, condition, dataset
-index, element), and channel choices from (seed, condition, index // block_size), where block_size
-is the run's batch size; so results do not depend on sharding or on how batches are formed.
+index, element), and channel choices from (seed, condition, block), where a block holds block_size
+images (the run's batch size, the paper's "mini-batch"); so results do not depend on sharding or on
+how batches are formed. Blocks: with `num_images` given, `block_ids` deals the images into blocks by
+a seeded permutation, so a block mixes classes even when the dataset is sorted by class (an image
+folder); without it (legacy), block = index // block_size (consecutive images).
+
+Confidence intervals: images that share a block share its channel draw, so they are not
+independent; `summarize(blocks=...)` bootstraps over blocks (a cluster bootstrap), not images.
 """
 
 from __future__ import annotations
@@ -33,6 +39,26 @@ from rfcore.store import AtlasStore, redact
 CONDITIONS: tuple[str, ...] = ("baseline", "all", "random-one", "control")
 
 _M32 = 0xFFFFFFFF
+
+
+#: Near-inactive channels (a row of its own beside the paper's Table 1 when no channel is exactly
+#: inactive): the lowest NEAR_INACTIVE_FRACTION of a layer's per-channel maxima (at least one channel).
+NEAR_INACTIVE_FRACTION = 0.05
+
+
+def near_inactive(maxima: NDArray[Any], fraction: float = NEAR_INACTIVE_FRACTION) -> NDArray[np.bool_]:
+    """Mask of the `max(1, ceil(fraction * C))` channels with the lowest maxima over all positions and
+    images (ties: lower channel index first). Not the paper's definition (max <= 0), which it
+    contains whenever that set is no larger; used so that Table 1 is never empty."""
+    m = np.asarray(maxima, dtype=np.float64)
+    if m.ndim != 1 or len(m) == 0 or not np.isfinite(m).all():
+        raise RfatlasError(f"channel maxima must be a finite, non-empty 1-D array, got shape {m.shape}")
+    if not 0 < fraction <= 1:
+        raise RfatlasError(f"near-inactive fraction must be in (0, 1], got {fraction}")
+    n = max(1, math.ceil(fraction * len(m)))
+    mask = np.zeros(len(m), dtype=np.bool_)
+    mask[np.argsort(m, kind="stable")[:n]] = True
+    return mask
 
 
 def check_conditions(conditions: Iterable[str]) -> tuple[str, ...]:
@@ -81,6 +107,17 @@ def image_normal(indices: Tensor, shape: tuple[int, ...], *, seed: int, stream: 
     return z.reshape(indices.shape[0], *shape)
 
 
+def block_ids(num_images: int, block_size: int, *, seed: int) -> NDArray[np.int64]:
+    """Block of every image (N,): images are dealt into blocks of `block_size` by a seeded random
+    permutation of the indices (the last block may be smaller); deterministic in (N, block_size, seed)."""
+    if block_size < 1 or num_images < 0:
+        raise RfatlasError(f"bad blocks: {num_images} images in blocks of {block_size}")
+    order = np.random.default_rng([seed & _M32, 0xB10C]).permutation(num_images)
+    blocks = np.empty(num_images, np.int64)
+    blocks[order] = np.arange(num_images, dtype=np.int64) // block_size
+    return blocks
+
+
 def block_channels(
     condition: str, inactive: NDArray[np.bool_], block: int, *, seed: int
 ) -> NDArray[np.int64]:
@@ -103,11 +140,20 @@ class NoiseInjector:
     channels of a layer's output; `capture` scopes it to the thread running the forward pass."""
 
     def __init__(
-        self, condition: str, inactive: NDArray[np.bool_], *, sigma: float, seed: int, block_size: int
+        self,
+        condition: str,
+        inactive: NDArray[np.bool_],
+        *,
+        sigma: float,
+        seed: int,
+        block_size: int,
+        num_images: int | None = None,
     ) -> None:
+        """`num_images`: deal images into blocks by `block_ids` (classes mixed); None: consecutive."""
         check_conditions([condition])
         if block_size < 1:
             raise RfatlasError(f"block size must be >= 1, got {block_size}")
+        self.blocks = None if num_images is None else block_ids(num_images, block_size, seed=seed)
         self.condition = condition
         self.inactive = np.asarray(inactive, dtype=np.bool_)
         self.sigma = float(sigma)
@@ -118,7 +164,8 @@ class NoiseInjector:
 
     def set_batch(self, indices: Tensor, device: torch.device) -> None:
         """Dataset indices (host tensor) of the next forward pass, which runs on `device`."""
-        blocks = (indices.numpy() // self.block_size).astype(np.int64)
+        idx = indices.numpy().astype(np.int64)
+        blocks = idx // self.block_size if self.blocks is None else self.blocks[idx]
         uniq, inverse = np.unique(blocks, return_inverse=True)
         table = torch.from_numpy(
             np.stack([block_channels(self.condition, self.inactive, int(b), seed=self.seed) for b in uniq])[
@@ -179,14 +226,19 @@ def evaluate(
     sigma: float = 1.0,
     seed: int = 0,
     device: torch.device | None = None,
-    amp: bool = True,
+    amp: bool = False,
+    num_images: int | None = None,
 ) -> PerImage:
-    """Validation pass under `condition`; per-image loss and accuracy (AMP only on CUDA)."""
+    """Validation pass under `condition`; per-image loss and accuracy. fp32 by default (the paper's
+    effects are ~1e-6 for PlainNet: below bf16 resolution); `amp=True`: bf16 on CUDA only.
+    `num_images`: blocks by `block_ids` (see `NoiseInjector`)."""
     device = device or next(model.parameters()).device
     check_conditions([condition])
     injector = None
     if condition != "baseline":
-        injector = NoiseInjector(condition, inactive, sigma=sigma, seed=seed, block_size=block_size)
+        injector = NoiseInjector(
+            condition, inactive, sigma=sigma, seed=seed, block_size=block_size, num_images=num_images
+        )
     use_amp = amp and device.type == "cuda"
     idx: list[Tensor] = []
     losses: list[Tensor] = []
@@ -225,19 +277,40 @@ def _mean(x: NDArray[Any]) -> float:
 
 
 def bootstrap_ci(
-    values: NDArray[Any], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    values: NDArray[Any],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    blocks: NDArray[Any] | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of `values` over images (seeded)."""
+    """Percentile bootstrap CI of the mean of `values` (seeded). With `blocks` (a block id per value)
+    whole blocks are resampled with replacement (cluster bootstrap: values of a block share a noise
+    draw, so they are dependent) and each replicate is the pooled mean of its blocks' values; without,
+    values are resampled one by one (independent images)."""
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
+    alpha = (1.0 - level) / 2.0
+    if blocks is not None:
+        _, inverse = np.unique(np.asarray(blocks), return_inverse=True)
+        sums = np.bincount(inverse, weights=v)
+        counts = np.bincount(inverse).astype(np.float64)
+        nb = len(sums)
+        means = np.empty(n_boot)
+        step = max(1, 4_000_000 // nb)
+        for start in range(0, n_boot, step):
+            stop = min(n_boot, start + step)
+            pick = rng.integers(0, nb, size=(stop - start, nb))
+            means[start:stop] = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+        lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+        return (float(lo), float(hi))
     means = np.empty(n_boot)
     step = max(1, 4_000_000 // len(v))
     for start in range(0, n_boot, step):
         stop = min(n_boot, start + step)
         means[start:stop] = v[rng.integers(0, len(v), size=(stop - start, len(v)))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return (float(lo), float(hi))
 
@@ -250,10 +323,12 @@ def summarize(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    blocks: NDArray[np.int64] | None = None,
 ) -> dict[str, Any]:
     """Mean loss and accuracies per condition; ΔL vs baseline with a paired bootstrap CI.
 
-    Arrays are aligned per image (NaN loss = image not evaluated); pairs use images valid in both."""
+    Arrays are aligned per image (NaN loss = image not evaluated); pairs use images valid in both.
+    `blocks` (block id per image, `block_ids`): the CI resamples blocks (see `bootstrap_ci`)."""
     out: dict[str, Any] = {}
     base = loss.get("baseline")
     for cond in check_conditions(loss):
@@ -268,7 +343,11 @@ def summarize(
             both = valid & np.isfinite(base)
             diff = loss[cond][both].astype(np.float64) - base[both].astype(np.float64)
             entry["delta_loss"] = _mean(diff)
-            entry["delta_loss_ci"] = list(bootstrap_ci(diff, n_boot=n_boot, seed=seed, level=level))
+            bl = None if blocks is None else np.asarray(blocks)[both]
+            entry["delta_loss_ci"] = list(
+                bootstrap_ci(diff, n_boot=n_boot, seed=seed, level=level, blocks=bl)
+            )
+            entry["ci_resamples"] = "images" if blocks is None else "blocks"
         out[cond] = entry
     return out
 
@@ -302,6 +381,21 @@ def jsonable(x: Any) -> Any:
     return x
 
 
+def _table_row(model: str, layer: str, count: int, c: dict[str, Any], what: str = "inactive") -> str:
+    base, cells = c.get("baseline"), []
+    for cond in ("all", "random-one", "control"):
+        e = c.get(cond)
+        if count == 0:  # nothing to inject into: ΔL is 0 by construction
+            cells.append(f"– (no {what} channel)")
+        else:
+            cells.append(_fmt(e.get("delta_loss"), e.get("delta_loss_ci")) if e else "–")
+    return (
+        f"| {model} | {layer} | {count} | {' | '.join(cells)} "
+        f"| {_pct(base, 'top1')} / {_pct(c.get('all'), 'top1')} "
+        f"| {_pct(base, 'top5')} / {_pct(c.get('all'), 'top5')} |"
+    )
+
+
 def _fmt(value: float | None, ci: list[float] | None = None) -> str:
     if value is None or not math.isfinite(value):
         return "–"
@@ -314,7 +408,12 @@ def _pct(entry: dict[str, Any] | None, key: str) -> str:
 
 
 def compare_table(urls: Sequence[str]) -> str:
-    """Markdown Table 1 (Kobayashi & Shouno 2020) for the noise results of each atlas."""
+    """Markdown Table 1 (Kobayashi & Shouno 2020) for the noise results of each atlas.
+
+    One row per layer with the paper's definition (max <= threshold). When a run also tested the
+    near-inactive channels (summary `near`: the lowest `fraction` of the layer's per-channel maxima,
+    run when no channel is inactive), they get a row of their own, labelled "<layer>: near-inactive,
+    lowest 5% of maxima (max <= ...)", so the table always has numbers and never mixes definitions."""
     rows = [
         "| model | layer | # inactive | ΔL (all) [95% CI] | ΔL_rnd (random-one) [95% CI] | control ΔL [95% CI] "
         "| top-1 base / all | top-5 base / all |",
@@ -328,18 +427,15 @@ def compare_table(urls: Sequence[str]) -> str:
         if not summaries:
             raise StoreError(f"{redact(url)} has no noise results; run the noise analysis first")
         for s in summaries:
-            c = s["conditions"]
-            base, cells = c.get("baseline"), []
-            for cond in ("all", "random-one", "control"):
-                e = c.get(cond)
-                if s["num_inactive"] == 0:  # nothing to inject into: ΔL is 0 by construction
-                    cells.append("– (no inactive channel)")
-                else:
-                    cells.append(_fmt(e.get("delta_loss"), e.get("delta_loss_ci")) if e else "–")
             model = s["model"] + (f" ({Path(str(s['weights'])).name})" if s.get("weights") else "")
-            rows.append(
-                f"| {model} | {s['layer']} | {s['num_inactive']} | {' | '.join(cells)} "
-                f"| {_pct(base, 'top1')} / {_pct(c.get('all'), 'top1')} "
-                f"| {_pct(base, 'top5')} / {_pct(c.get('all'), 'top5')} |"
-            )
+            rows.append(_table_row(model, s["layer"], int(s["num_inactive"]), s["conditions"]))
+            near = s.get("near")
+            if near:
+                pct = f"{100 * float(near['fraction']):g}%"
+                label = (
+                    f"{s['layer']}: near-inactive, lowest {pct} of maxima (max ≤ {float(near['max']):.3g})"
+                )
+                rows.append(
+                    _table_row(model, label, len(near["channels"]), near["conditions"], "near-inactive")
+                )
     return "\n".join(rows) + "\n"

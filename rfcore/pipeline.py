@@ -29,6 +29,7 @@ from rfcore.data import (
 )
 from rfcore.errors import StoreError
 from rfcore.models import check_model_matches, get_model, model_meta
+from rfcore.precision import amp_mode
 from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
 from rfcore.store import AtlasStore
@@ -74,9 +75,12 @@ def prepare_store(
     shard_size: int = DEFAULT_SHARD_SIZE,
     batch_size: int = 64,
     seed: int = 0,
+    precision: bool | str | None = "auto",
 ) -> AtlasStore:
     """Create (or reopen, if the run identity matches) the atlas of a sweep; its `url` is the one
-    `store_url_for` makes. `shard_size` is rounded up to a multiple of `batch_size`."""
+    `store_url_for` makes. `shard_size` is rounded up to a multiple of `batch_size`. `precision`
+    (`rfcore.precision` mode, part of the run identity): 'auto' runs the sweep in bf16 on CUDA,
+    fp32 on CPUs; 'off' is fp32 everywhere."""
     if k < 1 or patch_max < 1 or shard_size < 1 or batch_size < 1:
         raise StoreError(
             f"bad sweep options k={k} patch_max={patch_max} shard_size={shard_size} batch_size={batch_size}"
@@ -109,6 +113,7 @@ def prepare_store(
             "batch_size": batch_size,
             "layers": [p.name for p in plans],
             "seed": seed,
+            "precision": amp_mode(precision),
         },
     )
     layer_attrs = {
@@ -118,12 +123,31 @@ def prepare_store(
             shape=p.shape,
             rf={"size": list(p.rf.size), "stride": list(p.rf.stride), "offset": list(p.rf.offset)},
             patch={"factor": p.geometry.factor, "size": p.geometry.size, "first": list(p.geometry.first)},
+            response=p.response,
         )
         for p in plans
     }
-    return AtlasStore.create(
+    store = AtlasStore.create(
         url, run=run, layers=layer_attrs, num_images=len(dataset), shard_size=shard_size, k=k
     )
+    for p in plans:  # the filters of swept convs (rfcore.panels: Fig. 3b, 5a, 7a)
+        module = model.get_submodule(p.name)
+        if isinstance(module, nn.Conv2d):
+            w = module.weight.detach().float().cpu().numpy()
+            store.require_array(spec("layers/{layer}/weight"), w.shape, w.shape, layer=p.name)[...] = w
+    image_arrays(store)
+    if store.root.attrs.get("classes") != list(dataset.class_names):
+        store.root.attrs["classes"] = list(dataset.class_names)
+    return store
+
+
+def image_arrays(store: AtlasStore) -> tuple[Any, Any]:
+    """The root `images/label` and `images/path` arrays (created on first use; one chunk per shard,
+    so shards write their rows without races)."""
+    n, chunk = int(store.run["num_images"]), int(store.run["config"]["shard_size"])
+    label = store.require_array(spec("images/label"), (n,), (chunk,))
+    path = store.require_array(spec("images/path"), (n,), (chunk,))
+    return label, path
 
 
 def layer_geometry(store: AtlasStore, layer: str) -> tuple[PatchGeometry, int, tuple[int, int]]:
@@ -153,6 +177,10 @@ def _partial_arrays(store: AtlasStore, layer: str, geo: PatchGeometry, channels:
         "sum_fixed": (n, channels),
         "zero_count": (n, channels),
         "position_count": (n,),
+        "pixel_count": (n, channels, p, p),
+        "centre_sum": (n, channels, 3, p, p),
+        "centre_count": (n, channels),
+        "centre_pixel_count": (n, channels, p, p),
     }
     return {
         key: store.require_array(spec(f"partial/{key}"), shape, (1, *shape[1:]), layer=layer)
@@ -187,18 +215,26 @@ def sweep_shard(
     model: nn.Module,
     dataset: ImageDataset,
     device: str | torch.device = "auto",
-    amp: bool | None = None,
+    amp: bool | str | None = None,
     num_workers: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Sweep one shard: activation rows and `partial/*` rows of every layer, then its marker.
 
+    `amp`: None runs at the atlas's recorded precision (run identity); another mode is an error.
     Returns {shard, images, skipped: [{index, path, reason}], seconds, cached}; the caller records
     `skipped` in the root attrs (`AtlasStore.add_skipped`, one writer). `on_batch(n)` reports progress.
     """
     t0 = time.perf_counter()
     store = AtlasStore.open(store_url, "r+")
     cfg = store.run["config"]
+    recorded = cfg.get("precision", "auto")
+    if amp is not None and amp_mode(amp) != recorded:
+        raise StoreError(
+            f"the atlas records precision {recorded!r}, not {amp_mode(amp)!r}; "
+            "the precision is part of the run identity"
+        )
+    amp = recorded
     layers: list[str] = list(cfg["layers"])
     shards = shard_ranges(int(store.run["num_images"]), int(cfg["shard_size"]))
     if not 0 <= shard_id < len(shards):
@@ -232,6 +268,7 @@ def sweep_shard(
     precision = _check_precision(store, runner)
     act = {n: np.full((len(rows), c), np.nan, np.float32) for n, (_, c, _) in geos.items()}
     skipped: list[dict[str, Any]] = []
+    labels = np.full(len(rows), -1, np.int64)
     images = 0
     pin = runner.device.type == "cuda"
     for batch in iter_batches(dataset, rows, int(cfg["batch_size"]), num_workers=num_workers, pin_memory=pin):
@@ -240,6 +277,7 @@ def sweep_shard(
         local = batch.indices.numpy() - rows.start
         for name, m in maxima.items():
             act[name][local] = m.numpy()
+        labels[local] = batch.labels.numpy()
         images += int(batch.indices.numel())
         if on_batch is not None:
             on_batch(int(batch.indices.numel()) + len(batch.skipped))
@@ -254,6 +292,9 @@ def sweep_shard(
         state = runner.reducers[name].state_dict()
         for key, parr in _partial_arrays(store, name, geo, channels).items():
             parr[shard_id] = state[key]
+    label_arr, path_arr = image_arrays(store)
+    label_arr[rows.start : rows.stop] = labels
+    path_arr[rows.start : rows.stop] = np.array([dataset.describe(i) for i in rows], dtype="T")
     nonfinite = {name: idx for name, idx in runner.nonfinite.items() if idx}
     info: dict[str, Any] = {"precision": precision, **({"nonfinite": nonfinite} if nonfinite else {})}
     store.mark_done(sweep_shard_key(shard_id), info)
@@ -291,6 +332,8 @@ def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
         "topk/x": (res.topk_x, (channels, k)),
         "mean_stimulus": (res.mean_stimulus, (cc, 3, p, p)),
         "positive_count": (res.positive_count, (channels,)),
+        "mean_stimulus_centre": (res.mean_stimulus_centre, (cc, 3, p, p)),
+        "positive_count_centre": (res.positive_count_centre, (channels,)),
         "max": (res.max, (channels,)),
         "mean": (res.mean, (channels,)),
         "zero_fraction": (res.zero_fraction, (channels,)),
@@ -374,7 +417,7 @@ def run_sweep(
     batch_size: int = 64,
     seed: int = 0,
     device: str = "auto",
-    amp: bool | None = None,
+    amp: bool | str | None = None,
     num_workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -394,6 +437,7 @@ def run_sweep(
         shard_size=shard_size,
         batch_size=batch_size,
         seed=seed,
+        precision="auto" if amp is None else amp,
     )
     url = store.url
     model = get_model(model_name, weights=weights, seed=seed)

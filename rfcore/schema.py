@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: post-ReLU conv responses, per-pixel-count mean stimuli, eq. 4–5 arrays
 
 #: Run identity: these keys must match when a store is reopened (resume).
 IDENTITY_KEYS = (
@@ -32,6 +32,7 @@ IDENTITY_KEYS = (
     "batch_size",
     "layers",
     "seed",  # builds the weights of a model without `weights` (None in the identity otherwise)
+    "precision",  # rfcore.precision mode of the sweep's forward passes ('auto': bf16 on CUDA, fp32 on CPU)
 )
 _RUN_KEYS = (
     "model",
@@ -56,7 +57,7 @@ class ArraySpec:
     path: str
     dims: tuple[str, ...]
     dtype: str
-    fill_value: float | int | bool | None
+    fill_value: float | int | bool | str | None
     doc: str
     scope: str = "layer"
     analysis: str = "sweep"
@@ -84,7 +85,7 @@ class ArraySpec:
 @dataclass(frozen=True)
 class RunAttrs:
     """Root `run` attrs: what was analyzed and how. `config` holds k, patch_max, shard_size,
-    batch_size, layers (list of names) and seed."""
+    batch_size, layers (list of names), seed and precision (`rfcore.precision` mode)."""
 
     model: str
     weights: str | None
@@ -134,13 +135,15 @@ class RunAttrs:
 class LayerAttrs:
     """Attrs of `layers/<name>`: rf = {size, stride, offset} (each (h, w) / (y, x)),
     patch = {factor, size, first} (patch side = size cells of factor² pixels; first = input pixel
-    (y, x) of unit (0, 0)'s patch corner)."""
+    (y, x) of unit (0, 0)'s patch corner); response = {module, relu, tensor}: the tensor captured
+    as the layer's activation (a conv's post-BN-ReLU response, `rfcore.layers.response_map`)."""
 
     kind: str
     channels: int
     shape: tuple[int, int]
     rf: dict[str, Any]
     patch: dict[str, Any]
+    response: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -159,6 +162,7 @@ class LayerAttrs:
             shape=(shape[0], shape[1]),
             rf=dict(d["rf"]),
             patch=dict(d["patch"]),
+            response=dict(d["response"]) if d.get("response") is not None else None,
         )
 
 
@@ -194,10 +198,31 @@ SWEEP_ARRAYS: list[ArraySpec] = [
         ("channel", "color", "py", "px"),
         "float32",
         _NAN,
-        "mean of the patches of positive activations (uint8 pixel units)",
+        "strongest-position mean stimulus (not eq. 4): mean patch at each image's spatial argmax, over "
+        "images whose spatial max is > 0; per-pixel counts (RF pixels outside the image not averaged "
+        "in; NaN where none); uint8 pixel units",
     ),
     ArraySpec(
-        "positive_count", ("channel",), "int64", 0, "number of images whose spatial max is > 0 (eq. 5's X+)"
+        "positive_count",
+        ("channel",),
+        "int64",
+        0,
+        "number of images whose spatial max is > 0 (the images of `mean_stimulus`)",
+    ),
+    ArraySpec(
+        "mean_stimulus_centre",
+        ("channel", "color", "py", "px"),
+        "float32",
+        _NAN,
+        "eq. 4–5 mean preferred stimulus: mean of x[r_i] over X+ for the fixed neuron i at the map "
+        "centre (H//2, W//2); per-pixel counts as `mean_stimulus`; uint8 pixel units",
+    ),
+    ArraySpec(
+        "positive_count_centre",
+        ("channel",),
+        "int64",
+        0,
+        "size of X+ (eq. 5): images where the centre neuron's activation is > 0",
     ),
     ArraySpec("max", ("channel",), "float32", _NAN, "max activation over all images and positions"),
     ArraySpec("mean", ("channel",), "float32", _NAN, "mean activation over all images and positions"),
@@ -207,6 +232,26 @@ SWEEP_ARRAYS: list[ArraySpec] = [
         "float32",
         _NAN,
         "fraction of activations == 0 over all images and positions",
+    ),
+]
+
+# --- Per-image metadata written by the sweep (root scope; each shard writes its rows) -------------
+IMAGE_ARRAYS: list[ArraySpec] = [
+    ArraySpec(
+        "images/label",
+        ("image",),
+        "int64",
+        -1,
+        "class index of each image (root attr `classes` names them); -1 = unlabelled or skipped",
+        scope="root",
+    ),
+    ArraySpec(
+        "images/path",
+        ("image",),
+        "T",
+        "",
+        "file (or `split[index]`) of each image (variable-length UTF-8)",
+        scope="root",
     ),
 ]
 
@@ -228,10 +273,50 @@ PARTIAL_ARRAYS: list[ArraySpec] = [
     ArraySpec("partial/sum_fixed", ("shard", "channel"), "int64", 0, "fixed-point exact sum of activations"),
     ArraySpec("partial/zero_count", ("shard", "channel"), "int64", 0, "activations == 0"),
     ArraySpec("partial/position_count", ("shard",), "int64", 0, "positions seen per channel in the shard"),
+    ArraySpec(
+        "partial/pixel_count",
+        ("shard", "channel", "py", "px"),
+        "int64",
+        0,
+        "image pixels summed into each cell of stimulus_sum",
+    ),
+    ArraySpec(
+        "partial/centre_sum",
+        ("shard", "channel", "color", "py", "px"),
+        "int64",
+        0,
+        "sum of the centre neuron's patches over X+ (eq. 4, exact integer)",
+    ),
+    ArraySpec(
+        "partial/centre_count", ("shard", "channel"), "int64", 0, "images where the centre neuron is > 0"
+    ),
+    ArraySpec(
+        "partial/centre_pixel_count",
+        ("shard", "channel", "py", "px"),
+        "int64",
+        0,
+        "image pixels summed into each cell of centre_sum",
+    ),
 ]
 
-ARRAYS: dict[str, ArraySpec] = {s.path: s for s in [*SWEEP_ARRAYS, *PARTIAL_ARRAYS]}
-if len(ARRAYS) != len(SWEEP_ARRAYS) + len(PARTIAL_ARRAYS):
+# filters of the swept conv layers (written when the atlas is prepared): the first-layer filters of
+# Fig. 5a / 7a and the W¹ of Fig. 3b, drawn by `rfcore.panels`
+FILTER_ARRAYS: list[ArraySpec] = [
+    ArraySpec(
+        "layers/{layer}/weight",
+        ("channel", "in_channel", "ky", "kx"),
+        "float32",
+        _NAN,
+        "conv layers only: the layer's filters (float32, as trained)",
+        scope="root",
+        analysis="sweep",
+    ),
+]
+
+ARRAYS: dict[str, ArraySpec] = {
+    s.path: s for s in [*SWEEP_ARRAYS, *IMAGE_ARRAYS, *PARTIAL_ARRAYS, *FILTER_ARRAYS]
+}
+if len(ARRAYS) != len(SWEEP_ARRAYS) + len(IMAGE_ARRAYS) + len(PARTIAL_ARRAYS) + len(FILTER_ARRAYS):
     raise RuntimeError("duplicate ArraySpec path in rfcore.schema")
 
 

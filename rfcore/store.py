@@ -123,6 +123,37 @@ def _precondition_failed(exc: BaseException) -> bool:
     return False
 
 
+def _unsupported(exc: BaseException) -> bool:
+    """Whether an S3-compatible server refused a conditional request as not implemented."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error", {})
+            if (
+                str(error.get("Code", "")) in ("NotImplemented", "501")
+                or "not implemented" in str(error.get("Message", "")).lower()
+            ):
+                return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_unconditional(root: str) -> None:
+    if root not in _WARNED:
+        _WARNED.add(root)
+        log.warning(
+            "the object store of %s does not support conditional writes (If-None-Match/If-Match): "
+            "the lease is best effort there (two runs started in the same instant could both write)",
+            redact(root),
+        )
+
+
 class _Objects:
     """Raw small-object access under the store root (markers, lease); writes are atomic."""
 
@@ -240,7 +271,12 @@ class _Objects:
             except Exception as exc:
                 if _precondition_failed(exc):
                     return False
-                raise
+                if not _unsupported(exc):
+                    raise
+                _warn_unconditional(self._root)
+                if self.get(key) is not None:  # an S3 without conditional writes: best effort
+                    return False
+                self.put(key, data)
             return True
         with _MEMORY_LOCK if self._is_memory() else contextlib.nullcontext():
             if self.get(key) is not None:
@@ -264,7 +300,13 @@ class _Objects:
             except Exception as exc:
                 if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
                     return False
-                raise
+                if not _unsupported(exc):
+                    raise
+                _warn_unconditional(self._root)
+                found = self.read_versioned(key)  # an S3 without conditional writes: best effort
+                if found is None or found[1] != version:
+                    return False
+                self.put(key, data)
             return True
         with _MEMORY_LOCK if self._is_memory() else contextlib.nullcontext():
             found = self.read_versioned(key)
@@ -1088,6 +1130,27 @@ class Atlas:
     def skipped(self) -> list[dict[str, Any]]:
         """Skipped images [{index, path, reason}], sorted by index."""
         return list(_attrs(zarr.open_group(self.store._store, mode="r", zarr_format=3)).get("skipped", []))
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names of the swept dataset (root attr `classes`; empty when unlabelled)."""
+        root = zarr.open_group(self.store._store, mode="r", zarr_format=3)
+        return [str(c) for c in _attrs(root).get("classes", [])]
+
+    def labels(self) -> np.ndarray:
+        """Class index of every image (int64, -1 = unlabelled or skipped); StoreError if the sweep
+        that made this atlas did not record labels."""
+        return self._image_array("images/label").astype(np.int64)
+
+    def paths(self) -> np.ndarray:
+        """File name (or `split[index]`) of every image, as str objects."""
+        return self._image_array("images/path").astype(object)
+
+    def _image_array(self, path: str) -> np.ndarray:
+        node = self.store.root.get(path)
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"atlas {redact(self.url)} has no {path}; sweep it again with this rfatlas")
+        return np.asarray(node[...])
 
     @property
     def layers(self) -> list[str]:

@@ -1,16 +1,25 @@
 """Streaming, exactly mergeable per-layer reducers of the preferred-stimulus sweep (paper §3.3, eq. 4–5).
 
 A `LayerReducer` consumes one layer's activations batch by batch (on the model's device) and keeps,
-per channel: the top-k images by spatial max (value, dataset index, feature-map position), the
-integer sum of the input patches under the receptive field of the argmax unit of every image with a
-positive max (eq. 4–5), and channel statistics. Its state is a few fixed-size arrays (memory flat in
-dataset size) and merging states is exact in any order:
+per channel: the top-k images by spatial max (value, dataset index, feature-map position), channel
+statistics, and two integer sums of receptive-field patches (both divided, at the end, by the number
+of *image* pixels that went into each patch cell, so receptive-field pixels outside the image are
+not averaged in as black):
+
+* `centre_sum` — eq. 4–5 as written: neuron i is the fixed unit at the centre (H // 2, W // 2) of
+  the channel's map, X+ the images where that neuron is > 0, and the sum runs over x[r_i] for
+  x in X+ (result: `mean_stimulus_centre`, `positive_count_centre`);
+* `stimulus_sum` — a per-channel variant: the patch at each image's strongest unit (spatial argmax),
+  over the images whose spatial max is > 0 (result: `mean_stimulus`, `positive_count`).
+
+Its state is a few fixed-size arrays (memory flat in dataset size) and merging states is exact in
+any order:
 
 * top-k: a total order on (value desc, dataset index asc), so ties go to the lower index;
 * spatial argmax: first occurrence in flat (y * W + x) order (torch's documented `max` behaviour);
-* patch sums: int64; activation sums: fixed point, `round(sum * 2**FIXED_POINT_BITS)` per batch and
-  channel, added as int64, where `sum` adds float32 row sums (over x, cascade-summed by torch) in
-  float64 (resolution 2**-20 per batch; rounding of each row sum ~1e-7 relative).
+* patch sums and pixel counts: int64; activation sums: fixed point, `round(sum * 2**FIXED_POINT_BITS)`
+  per batch and channel, added as int64, where `sum` adds float32 row sums (over x, cascade-summed by
+  torch) in float64 (resolution 2**-20 per batch; rounding of each row sum ~1e-7 relative).
 
 Patches are kept at most `patch_max` pixels a side by sum-pooling the input by a power of two `f`
 (`patch_geometry`); mean stimuli are reported in uint8 pixel units.
@@ -21,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,6 +59,10 @@ STATE_KEYS = (
     "sum_fixed",
     "zero_count",
     "position_count",
+    "pixel_count",
+    "centre_sum",
+    "centre_count",
+    "centre_pixel_count",
 )
 
 
@@ -61,7 +74,7 @@ class SweepConfig:
     patch_max: int = 64
     batch_size: int = 64
     device: str = "auto"
-    amp: bool | None = None
+    amp: bool | str | None = None
     num_workers: int = 0
 
 
@@ -245,7 +258,12 @@ class LayerReducer:
         self.sum_fixed = torch.zeros(channels, dtype=torch.int64, device=dev)
         self.zero_count = torch.zeros(channels, dtype=torch.int64, device=dev)
         self.position_count = torch.zeros((), dtype=torch.int64, device=dev)
+        self.pixel_count = torch.zeros((channels, p, p), dtype=torch.int64, device=dev)
+        self.centre_sum = torch.zeros((channels, 3, p, p), dtype=torch.int64, device=dev)
+        self.centre_count = torch.zeros(channels, dtype=torch.int64, device=dev)
+        self.centre_pixel_count = torch.zeros((channels, p, p), dtype=torch.int64, device=dev)
         self._plans: dict[tuple[int, int], _Plan] = {}
+        self._coverage: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     def add(
         self,
@@ -276,8 +294,65 @@ class LayerReducer:
         self.sum_fixed += torch.round(s * _FIXED_SCALE).to(torch.int64)
         self.zero_count += _count_over_batch(flat == 0).sum(dim=1, dtype=torch.int64)
         self.position_count += b * h * w
-        self._add_patches(positive, arg, (h, w), BatchPools(images) if pooled is None else pooled)
+        pools = BatchPools(images) if pooled is None else pooled
+        self._add_patches(positive, arg, (h, w), pools)
+        self._add_pixel_counts(positive, arg, (h, w))
+        self._add_centre(flat[:, :, (h // 2) * w + w // 2] > 0, (h, w), pools)
         return mx, arg
+
+    def coverage(self, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Pixels of the image inside each patch cell, per unit row and column: (H, p) and (W, p)
+        int64; unit (y, x)'s cell (i, j) holds `rows[y, i] * cols[x, j]` image pixels (0 outside)."""
+        hit = self._coverage.get(grid)
+        if hit is None:
+            geo, out = self.geometry, []
+            cells = torch.arange(geo.size, dtype=torch.int64) * geo.factor
+            for a in range(2):
+                start = (
+                    geo.first[a] + torch.arange(grid[a], dtype=torch.int64)[:, None] * geo.stride[a] + cells
+                )
+                stop = torch.clamp(start + geo.factor, max=geo.image_hw[a])
+                out.append(torch.clamp(stop - torch.clamp(start, min=0), min=0).to(self.device))
+            hit = self._coverage[grid] = (out[0], out[1])
+        return hit
+
+    def _add_pixel_counts(self, positive: Tensor, arg: Tensor, grid: tuple[int, int]) -> None:
+        """Per patch cell, the image pixels summed into `stimulus_sum` (RF pixels outside the image
+        are not counted): a histogram of the positive argmax positions times the cell coverage."""
+        rows, cols = self.coverage(grid)
+        h, w = grid
+        hist = torch.zeros((self.channels, h * w), dtype=torch.float64, device=self.device)
+        hist.scatter_add_(1, arg.t(), positive.t().to(torch.float64))
+        # float64 sums of integers below 2**53: exact
+        part = torch.einsum("cyx,yp,xq->cpq", hist.view(-1, h, w), rows.double(), cols.double())
+        self.pixel_count += torch.round(part).to(torch.int64)
+
+    def _add_centre(self, positive: Tensor, grid: tuple[int, int], pools: BatchPools) -> None:
+        """Eq. 4–5 for the fixed neuron at the map centre (H // 2, W // 2): add its receptive-field
+        patch of every image where that neuron is > 0 (one window per image, a float64 matmul: exact)."""
+        plan = self._plans[grid]
+        eh, ew = plan.extent
+        h, w = grid
+        yc, xc = h // 2, w // 2
+        rows, cols = self.coverage(grid)
+        count = positive.sum(dim=0)
+        self.centre_count += count
+        self.centre_pixel_count += count[:, None, None] * (rows[yc][:, None] * cols[xc][None, :])
+        if eh == 0 or ew == 0:
+            return
+        geo = self.geometry
+        f = geo.factor
+        (sy, sx), (ty, tx) = plan.start, plan.step
+        left, _, top, _ = plan.pad
+        buffer, m = pools.padded(f, geo.phase, torch.float32, max(plan.pad))
+        y0, x0 = sy - top + m + yc * ty, sx - left + m + xc * tx
+        b = positive.shape[0]
+        win = buffer[:b, :, y0 : y0 + eh, x0 : x0 + ew].reshape(b, -1).to(torch.float64)
+        part = positive.t().to(torch.float64) @ win  # (C, 3 * eh * ew)
+        ly, lx = plan.lo
+        self.centre_sum[:, :, ly : ly + eh, lx : lx + ew] += (
+            torch.round(part).to(torch.int64).view(self.channels, 3, eh, ew)
+        )
 
     def _add_topk(self, mx: Tensor, arg: Tensor, indices: Tensor, w: int) -> None:
         c = self.channels
@@ -381,6 +456,10 @@ class LayerReducer:
         self.sum_fixed += o["sum_fixed"]
         self.zero_count += o["zero_count"]
         self.position_count += o["position_count"]
+        self.pixel_count += o["pixel_count"]
+        self.centre_sum += o["centre_sum"]
+        self.centre_count += o["centre_count"]
+        self.centre_pixel_count += o["centre_pixel_count"]
 
     def _tensors(self) -> dict[str, Tensor]:
         return {n: getattr(self, n) for n in STATE_KEYS}
@@ -412,9 +491,9 @@ class LayerReducer:
         s = self.state_dict()
         n = int(s["position_count"])
         count = s["positive_count"]
-        f2 = self.geometry.factor**2
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean_stim = s["stimulus_sum"] / (count * f2).astype(np.float64)[:, None, None, None]
+            mean_stim = s["stimulus_sum"] / s["pixel_count"][:, None].astype(np.float64)
+            centre = s["centre_sum"] / s["centre_pixel_count"][:, None].astype(np.float64)
             mean = s["sum_fixed"] / _FIXED_SCALE / n if n else np.full(self.channels, np.nan)
             zero = s["zero_count"] / n if n else np.full(self.channels, np.nan)
         mx = s["max"] if n else np.full(self.channels, np.nan, np.float32)
@@ -425,6 +504,8 @@ class LayerReducer:
             topk_x=s["topk_x"],
             mean_stimulus=mean_stim.astype(np.float32),
             positive_count=count,
+            mean_stimulus_centre=centre.astype(np.float32),
+            positive_count_centre=s["centre_count"],
             max=mx.astype(np.float32),
             mean=np.asarray(mean, dtype=np.float32),
             zero_fraction=np.asarray(zero, dtype=np.float32),
@@ -433,14 +514,18 @@ class LayerReducer:
 
 @dataclass(frozen=True)
 class LayerResult:
-    """Final results of one layer; mean_stimulus is NaN for channels never positive."""
+    """Final results of one layer. Mean stimuli divide each cell's pixel sum by the number of image
+    pixels summed into it (receptive-field pixels outside the image are not counted as black): NaN
+    where no image pixel ever fell (outside the image, or a channel never positive)."""
 
     topk_value: np.ndarray  # (C,k) float32, -inf padding
     topk_image: np.ndarray  # (C,k) int64, -1 padding
     topk_y: np.ndarray  # (C,k) int32
     topk_x: np.ndarray  # (C,k) int32
-    mean_stimulus: np.ndarray  # (C,3,p,p) float32, uint8 pixel units
+    mean_stimulus: np.ndarray  # (C,3,p,p) float32, uint8 pixel units; patch at each image's strongest unit
     positive_count: np.ndarray  # (C,) int64 images with max > 0
+    mean_stimulus_centre: np.ndarray  # (C,3,p,p) float32: eq. 4 for the centre neuron (H//2, W//2)
+    positive_count_centre: np.ndarray  # (C,) int64: |X+| of eq. 5 for the centre neuron
     max: np.ndarray  # (C,) float32
     mean: np.ndarray  # (C,) float32
     zero_fraction: np.ndarray  # (C,) float32 fraction of activations == 0
@@ -485,11 +570,12 @@ class LayerPlan:
     kind: str
     rf: RField
     geometry: PatchGeometry
+    response: dict[str, Any] | None = None  # `rfcore.layers.Response.to_dict()`: the tensor captured
 
 
 def plan_layers(model: nn.Module, layers: str | Sequence[str], patch_max: int = 64) -> list[LayerPlan]:
     """Resolve a layer spec and compute each layer's receptive field and patch geometry."""
-    from rfcore.layers import list_layers, resolve_layers
+    from rfcore.layers import list_layers, resolve_layers, response_module
     from rfcore.models import model_meta
     from rfcore.receptive import receptive_fields
 
@@ -505,13 +591,15 @@ def plan_layers(model: nn.Module, layers: str | Sequence[str], patch_max: int = 
             infos[n].kind,
             rfs[n],
             patch_geometry(rfs[n], (size, size), patch_max),
+            response_module(model, n).to_dict(),
         )
         for n in names
     ]
 
 
 class SweepRunner:
-    """One forward pass per batch (through `rfcore.layers.capture`) feeding a reducer per layer."""
+    """One forward pass per batch (through `rfcore.layers.capture`) feeding a reducer per layer;
+    a conv layer's activation is its post-BN-ReLU response (`rfcore.layers.response_map`)."""
 
     def __init__(
         self,
@@ -521,7 +609,7 @@ class SweepRunner:
         *,
         k: int = 16,
         device: str | torch.device = "auto",
-        amp: bool | None = None,
+        amp: bool | str | None = None,
     ) -> None:
         from rfcore.models import model_meta, select_device
 
@@ -560,7 +648,10 @@ class SweepRunner:
             return {n: torch.empty((0, r.channels)) for n, r in self.reducers.items()}
         images = images.to(self.device, non_blocking=True)
         indices = indices.to(self.device, non_blocking=True)
-        with torch.inference_mode(), capture(self.model, list(self.reducers), stop_early=True) as cap:
+        with (
+            torch.inference_mode(),
+            capture(self.model, list(self.reducers), stop_early=True, response=True) as cap,
+        ):
             with autocast(self.device, self.amp):
                 outputs = cap.run(self.preprocessing.normalize(images))
             pooled = BatchPools(images)

@@ -21,11 +21,14 @@ from rfcore.inactive import detect_inactive, read_inactive, write_inactive
 from rfcore.models import model_meta
 from rfcore.noise import (
     CONDITIONS,
+    NEAR_INACTIVE_FRACTION,
+    block_ids,
     check_conditions,
     compare_table,
     evaluate,
     jsonable,
     layer_group,
+    near_inactive,
     summarize,
 )
 from rfcore.schema import ArraySpec
@@ -49,6 +52,9 @@ NOISE_ARRAYS = {
 }
 
 
+NEAR = "near-"  # prefix of the conditions run on the near-inactive channels (own arrays, own Table 1 row)
+
+
 def shard_key(layer: str, condition: str, shard: int) -> str:
     """Completion marker of one (shard × condition) evaluation."""
     return f"noise/{layer}/{condition}/shard-{shard:04d}"
@@ -62,12 +68,20 @@ class NoiseOptions:
     seed: int = field(default=0, metadata={"help": "seed of the noise and of the channel draws"})
     threshold: float = field(default=0.0, metadata={"help": "inactive when the max activation <= this"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of the CIs"})
+    near_inactive: float = field(
+        default=NEAR_INACTIVE_FRACTION,
+        metadata={
+            "help": "when no channel is inactive, also test the lowest this fraction of channel maxima "
+            "(own Table 1 row); 0: off"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_conditions(self.conditions)
         check("," not in self.layer and self.layer != "all", "noise runs at one layer at a time")
         check(self.sigma >= 0, f"sigma must be >= 0, got {self.sigma}")
         check(self.n_boot >= 1, f"n_boot must be >= 1, got {self.n_boot}")
+        check(0 <= self.near_inactive <= 1, f"near_inactive must be in [0, 1], got {self.near_inactive}")
 
 
 def _arrays(store: AtlasStore, layer: str, condition: str) -> dict[str, zarr.Array[Any]]:
@@ -111,13 +125,25 @@ class Noise(Analysis):
             "seed": int(opts.seed),
             "threshold": float(opts.threshold),
             "block_size": int(store.run["config"]["batch_size"]),
+            "blocks": "permutation",  # rfcore.noise.block_ids: blocks mix classes; CIs resample blocks
             "inactive": np.flatnonzero(mask).tolist(),
+            "near_inactive": None,
         }
+        conds = list(check_conditions(opts.conditions))
+        if not mask.any() and opts.near_inactive > 0:
+            maxima = Atlas(store).layer(layer).array("max")
+            near = near_inactive(maxima, opts.near_inactive)
+            config["near_inactive"] = {
+                "fraction": float(opts.near_inactive),
+                "channels": np.flatnonzero(near).tolist(),
+                "max": float(maxima[near].max()),
+            }
+            conds += [NEAR + c for c in conds if c != "baseline"]
         store.require_group(f"noise/{layer}", config=config)  # refuses other options before any write
         if write:
             write_inactive(store, layer, opts.threshold)
         units = []
-        for cond in check_conditions(opts.conditions):
+        for cond in conds:
             _arrays(store, layer, cond)
             units += [
                 Unit(shard_key(layer, cond, s), layer, {"condition": cond, "shard": s})
@@ -129,8 +155,12 @@ class Noise(Analysis):
     def run(self, store: AtlasStore, unit: Unit, res: Resources) -> dict[str, Any]:
         """Evaluate one shard under one condition with the config `plan` recorded; write its rows."""
         layer, condition, shard = str(unit.layer), str(unit.args["condition"]), int(unit.args["shard"])
-        config = dict(layer_group(store, layer).attrs)["config"]
+        config: dict[str, Any] = dict(dict(layer_group(store, layer).attrs)["config"])  # type: ignore[arg-type]
         inactive, _ = read_inactive(store, layer)
+        if condition.startswith(NEAR):  # the same test on the near-inactive channels
+            condition = condition[len(NEAR) :]
+            inactive = np.zeros(len(inactive), np.bool_)
+            inactive[config["near_inactive"]["channels"]] = True
         cfg = store.run["config"]
         indices = shard_ranges(int(store.run["num_images"]), int(cfg["shard_size"]))[shard]
         model, device = res.model(), res.device
@@ -145,6 +175,7 @@ class Noise(Analysis):
             sigma=float(config["sigma"]),
             seed=int(config["seed"]),
             device=device,
+            num_images=int(store.run["num_images"]) if config.get("blocks") == "permutation" else None,
         )
         local = result.indices - indices.start
         values: dict[str, NDArray[Any]] = {
@@ -157,11 +188,11 @@ class Noise(Analysis):
             result.correct1,
             result.correct5,
         )
-        for name, arr in _arrays(store, layer, condition).items():
+        for name, arr in _arrays(store, layer, str(unit.args["condition"])).items():
             arr[indices.start : indices.stop] = values[name]
         return {
             "layer": layer,
-            "condition": condition,
+            "condition": str(unit.args["condition"]),
             "shard": shard,
             "images": len(result.loss),
             "loss_sum": math.fsum(result.loss.astype(np.float64).tolist()),
@@ -174,7 +205,7 @@ class Noise(Analysis):
         loss: dict[str, NDArray[np.float32]] = {}
         c1: dict[str, NDArray[np.bool_]] = {}
         c5: dict[str, NDArray[np.bool_]] = {}
-        for cond in CONDITIONS:
+        for cond in [*CONDITIONS, *(NEAR + c for c in CONDITIONS[1:])]:
             done = store.done_keys(f"noise/{layer}/{cond}")
             if not done:
                 continue
@@ -184,7 +215,29 @@ class Noise(Analysis):
                 )
             arrs = _arrays(store, layer, cond)
             loss[cond], c1[cond], c5[cond] = (np.asarray(arrs[f][...]) for f in NOISE_FIELDS)
-        config = dict(dict(group.attrs)["config"])
+        config: dict[str, Any] = dict(dict(group.attrs)["config"])  # type: ignore[arg-type]
+        n, size = int(store.run["num_images"]), int(config["block_size"])
+        blocks = (
+            block_ids(n, size, seed=int(config["seed"]))
+            if config.get("blocks") == "permutation"
+            else np.arange(n, dtype=np.int64) // size
+        )
+        paper = [c for c in loss if not c.startswith(NEAR)]
+        near_conds = {c[len(NEAR) :]: c for c in loss if c.startswith(NEAR)}
+        near = None
+        if config.get("near_inactive") and near_conds:
+            pick = {"baseline": "baseline", **near_conds} if "baseline" in loss else near_conds
+            near = {
+                **config["near_inactive"],
+                "conditions": summarize(
+                    {c: loss[k] for c, k in pick.items()},
+                    {c: c1[k] for c, k in pick.items()},
+                    {c: c5[k] for c, k in pick.items()},
+                    n_boot=opts.n_boot,
+                    seed=opts.seed,
+                    blocks=blocks,
+                ),
+            }
         summary = {
             "model": store.run["model"],
             "weights": store.run.get("weights"),
@@ -193,7 +246,15 @@ class Noise(Analysis):
             **config,
             "n_boot": opts.n_boot,
             "ci_level": 0.95,
-            "conditions": summarize(loss, c1, c5, n_boot=opts.n_boot, seed=opts.seed),
+            "conditions": summarize(
+                {c: loss[c] for c in paper},
+                {c: c1[c] for c in paper},
+                {c: c5[c] for c in paper},
+                n_boot=opts.n_boot,
+                seed=opts.seed,
+                blocks=blocks,
+            ),
+            "near": near,
         }
         clean: dict[str, Any] = jsonable(summary)
         group.attrs["summary"] = clean
@@ -215,7 +276,7 @@ class Noise(Analysis):
         problems = []
         noise = store.root.get("noise")
         for layer in sorted(noise.group_keys()) if isinstance(noise, zarr.Group) else []:
-            for cond in CONDITIONS:
+            for cond in [*CONDITIONS, *(NEAR + c for c in CONDITIONS[1:])]:
                 done = store.done_keys(f"noise/{layer}/{cond}")
                 if done and len(done) < store.num_shards:
                     problems.append(f"noise/{layer}/{cond}: {len(done)}/{store.num_shards} shards done")
@@ -228,6 +289,18 @@ class Noise(Analysis):
         for s in self._summaries(atlas):
             if s["num_inactive"] == 0:
                 lines.append(f"noise at {s['layer']}: no inactive channel to inject into")
+                near = s.get("near")
+                if near:
+                    parts = []
+                    for cond in ("all", "random-one", "control"):
+                        e = near["conditions"].get(cond)
+                        if e and e.get("delta_loss") is not None:
+                            lo, hi = e["delta_loss_ci"]
+                            parts.append(f"ΔL {cond} {e['delta_loss']:+.2e} [{lo:+.1e}, {hi:+.1e}]")
+                    lines.append(
+                        f"noise at {s['layer']}, near-inactive (lowest {100 * near['fraction']:g}% of maxima, "
+                        f"{len(near['channels'])} channels): " + "; ".join(parts)
+                    )
                 continue
             parts = []
             for cond in ("all", "random-one", "control"):

@@ -30,6 +30,9 @@ DEAD = [2, 7, 11]  # conv1 channels forced off, so `inactive` and `noise` have s
 FAST: dict[str, dict[str, Any]] = {
     "noise": {"n_boot": 50, "conditions": "baseline,all,control"},
     "actmax": {"layers": "layer1.0", "channels": "0-5", "steps": 2, "block_size": 4, "init": "random"},
+    "selectivity": {"n_permutations": 50},
+    "cluster": {"k_max": 4, "n_init": 1},
+    "attribution": {"batch_size": 32},
 }
 #: One option whose change must be refused once results exist (None: the analysis stores no config).
 CHANGED: dict[str, dict[str, Any] | None] = {
@@ -37,6 +40,9 @@ CHANGED: dict[str, dict[str, Any] | None] = {
     "noise": {"sigma": 2.0},
     "actmax": {"steps": 3},
     "virtual": None,
+    "selectivity": {"seed": 1},
+    "cluster": {"k_max": 3},
+    "attribution": {"top_units": 3},
 }
 
 

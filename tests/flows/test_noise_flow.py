@@ -140,11 +140,19 @@ def test_compare_flow_cli_and_errors(
     monkeypatch.setattr("flows.compare.create_markdown_artifact", spy)
     table = compare([res, plain])
     lines = table.splitlines()
-    assert lines[0].startswith("| model | layer | # inactive | ΔL") and len(lines) == 4
+    assert lines[0].startswith("| model | layer | # inactive | ΔL")
     assert lines[2].startswith("| resnet10t (dead.pt) | maxpool | 3 |")
     assert lines[3].startswith("| plainnet10t | maxpool | ")
     none_dead = lines[3].split(" | ")[2] == "0"
     assert ("– (no inactive channel)" in lines[3]) == none_dead and "no inactive" not in lines[2]
+    # issue 14: with no inactive channel, the near-inactive channels (lowest 5 % of the maxima, at
+    # least one) get a row of their own with numbers; never one for a layer with inactive channels
+    assert len(lines) == (5 if none_dead else 4)
+    if none_dead:
+        channels = int(AtlasStore.open(plain).layer_group("maxpool").attrs["channels"])  # type: ignore[arg-type]
+        assert lines[4].startswith("| plainnet10t | maxpool: near-inactive, lowest 5% of maxima (max ≤ ")
+        assert lines[4].split(" | ")[2] == str(max(1, -(-5 * channels // 100)))
+        assert "no near-inactive" not in lines[4]
 
     assert recorded and recorded[0]["key"] == "noise-compare" and table in recorded[0]["markdown"]
 

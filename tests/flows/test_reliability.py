@@ -644,3 +644,65 @@ def test_disk_full_and_read_only_are_not_retried() -> None:
         assert not is_transient(OSError(code, os.strerror(code), "/data/atlas.zarr"))
     assert is_transient(ConnectionResetError(errno.ECONNRESET, "reset"))
     assert is_transient(OSError(errno.EIO, "I/O error"))
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["actmax", "--block-size", "0"], "block_size must be >= 1"),
+        (["noise", "--sigma", "-1"], "sigma"),
+    ],
+)
+def test_invalid_analysis_options_leave_the_store_untouched(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rfatlas actmax URL --block-size 0` used to write its config first and poison the store:
+    options are now validated before anything is written (the registry's Options.__post_init__)."""
+    from flows.cli import main
+
+    url = str(tmp_path / "a.zarr")
+    tiny_store(url)
+    before = _snapshot(tmp_path / "a.zarr")
+    assert main([argv[0], url, *argv[1:], "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+    assert _snapshot(tmp_path / "a.zarr") == before
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_kill9_of_a_cli_run_then_immediate_rerun_resumes(tmp_path: Path) -> None:
+    """The real thing: `rfatlas run` (flow, Prefect, Dask workers) is killed with SIGKILL while its
+    flow holds the lease, and the same command run at once takes the lease over and resumes."""
+    from rfcore.store import verify_store
+
+    url = str(tmp_path / "a.zarr")
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--model", "resnet10t", "--data", "synthetic:384",
+           "--out", url, "--layers", "conv1", "--shard-size", "32", "--batch-size", "16", "--workers", "1",
+           "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            store = AtlasStore.open(url)
+            held = store._read_lease() or {}
+            if "flow run" in str(held.get("owner")) and store.done_keys("sweep"):
+                break
+        except StoreError:
+            pass
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    swept_before = len(AtlasStore.open(url).done_keys("sweep"))
+    t0 = time.monotonic()
+    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "is leased by" not in rerun.stderr and "resumed" in rerun.stdout
+    assert verify_store(url) == [] and swept_before < 12
+    assert time.monotonic() - t0 < 600

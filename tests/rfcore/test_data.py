@@ -104,10 +104,11 @@ def test_synthetic_classes_differ_in_orientation_frequency_and_colour() -> None:
                 for ri, gi, bi in zip(r, g, b, strict=True)
             ]
         )
+        # (margins lower since issue 14: 1/f luminance textures, occluders and distractors dilute them)
         if cls.colour == "red-green":
-            assert rg < -0.3 and yb > -0.3, (cls.name, rg, yb)
+            assert rg < 0.0 and yb > 0.0, (cls.name, rg, yb)
         else:
-            assert rg > 0.3 and yb < -0.3, (cls.name, rg, yb)
+            assert rg > 0.0 and yb < 0.0, (cls.name, rg, yb)
 
 
 # ------------------------------------------------------------------------------------------ specs / errors

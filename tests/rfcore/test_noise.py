@@ -297,3 +297,64 @@ def test_cuda_amp_path_matches_cpu_noise_and_is_shard_exact() -> None:
     assert whole["all"].loss.mean() > whole["baseline"].loss.mean()  # the wired dead channels matter
     fp32 = evaluate(net, "2", pinned, condition="all", amp=False, **kw)
     np.testing.assert_allclose(fp32.loss, whole["all"].loss, rtol=0.05, atol=0.05)  # AMP bf16 ≈ fp32
+
+
+def test_block_ids_mix_classes_and_are_seeded() -> None:
+    from rfcore.noise import block_ids
+
+    blocks = block_ids(100, 8, seed=5)
+    assert np.array_equal(blocks, block_ids(100, 8, seed=5))
+    assert not np.array_equal(blocks, block_ids(100, 8, seed=6))
+    assert np.bincount(blocks).tolist() == [8] * 12 + [4]  # blocks of block_size, last smaller
+    labels = np.arange(100) // 10  # a class-sorted folder: 10 classes of 10 consecutive images
+    assert all(len(np.unique(labels[blocks == b])) > 1 for b in range(12))
+
+
+def test_injector_draws_one_channel_set_per_permuted_block() -> None:
+    from rfcore.noise import block_ids
+
+    inj = NoiseInjector("random-one", dead_mask(), sigma=1.0, seed=3, block_size=4, num_images=12)
+    blocks = block_ids(12, 4, seed=3)
+    inj.set_batch(torch.arange(12), torch.device("cpu"))
+    out = inj(torch.zeros(12, CHANNELS, 3, 3))
+    touched = out.flatten(2).amax(dim=2) > 0
+    for b in range(3):
+        rows = touched[torch.from_numpy(blocks == b)]
+        want = block_channels("random-one", dead_mask(), b, seed=3).tolist()
+        assert rows.any(dim=0).nonzero()[:, 0].tolist() == want
+
+
+def test_block_bootstrap_covers_the_true_mean_at_the_nominal_rate() -> None:
+    """Simulated ΔL with a known mean: every block of 8 images shares a random effect (its channel
+    draw), so images are dependent. The block bootstrap's 95% CIs cover the truth ≈95% of the time;
+    the image bootstrap's are too narrow."""
+    rng = np.random.default_rng(0)
+    truth, reps, n_blocks, size = 0.3, 300, 40, 8
+    blocks = np.repeat(np.arange(n_blocks), size)
+    hit_block = hit_image = 0
+    for r in range(reps):
+        effect = rng.exponential(truth, n_blocks)  # mean `truth`, skewed like a loss increase
+        values = effect[blocks] + rng.normal(0, 0.05, len(blocks))
+        lo, hi = bootstrap_ci(values, blocks=blocks, seed=r, n_boot=600)
+        hit_block += lo <= truth <= hi
+        lo, hi = bootstrap_ci(values, seed=r, n_boot=600)
+        hit_image += lo <= truth <= hi
+    assert 0.89 <= hit_block / reps <= 0.98, hit_block / reps
+    assert hit_image / reps < 0.6, hit_image / reps
+
+
+def test_near_inactive_is_the_lowest_fraction_of_maxima() -> None:
+    from rfcore.noise import near_inactive
+
+    rng = np.random.default_rng(0)
+    maxima = rng.uniform(0.1, 5.0, 64)
+    maxima[[3, 9]] = 0.0  # two exactly inactive channels
+    mask = near_inactive(maxima, 0.05)  # ceil(0.05 * 64) = 4 channels
+    lowest = sorted(range(64), key=lambda c: (maxima[c], c))[:4]
+    assert np.flatnonzero(mask).tolist() == sorted(lowest)
+    assert mask[[3, 9]].all()  # contains the paper's inactive channels
+    assert near_inactive(np.array([2.0, 1.0, 1.0]), 0.01).tolist() == [
+        False,
+        True,
+        False,
+    ]  # >= 1, tie -> low index

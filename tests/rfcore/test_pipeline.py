@@ -128,6 +128,8 @@ def test_store_matches_in_memory_reducers(one_shard: str) -> None:
             ("topk/x", res.topk_x),
             ("mean_stimulus", res.mean_stimulus),
             ("positive_count", res.positive_count),
+            ("mean_stimulus_centre", res.mean_stimulus_centre),
+            ("positive_count_centre", res.positive_count_centre),
             ("max", res.max),
             ("mean", res.mean),
             ("zero_fraction", res.zero_fraction),
@@ -147,7 +149,7 @@ class Flaky(ImageDataset):
 
     def __init__(self) -> None:
         self.inner = open_dataset(DATA, size=64)
-        self.size = 64
+        super().__init__("flaky", 64, 64, self.inner.class_names)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -176,6 +178,9 @@ def test_skipped_images_are_nan_rows_and_reported(tmp_path: Path) -> None:
     assert out["skipped"] == want and out["images"] == 11
     act = read(url, "layers/conv1/activation")
     assert np.isnan(act[4]).all() and not np.isnan(act[:4]).any() and np.isnan(act[12:]).all()
+    labels = read(url, "images/label")  # skipped and not yet swept images are unlabelled
+    assert labels[4] == -1 and (labels[12:] == -1).all()
+    assert labels[:12].tolist() == [-1 if i == 4 else ds.inner.get(i)[1] for i in range(12)]
     again = sweep_shard(url, 0, model=get_model(MODEL), dataset=ds, device="cpu")
     assert again["cached"] and again["skipped"] == want
 

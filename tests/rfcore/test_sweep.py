@@ -95,8 +95,22 @@ def reference(acts: np.ndarray, images: np.ndarray, geo: PatchGeometry, k: int) 
     ty = np.full((c, k), -1, np.int32)
     tx = np.full((c, k), -1, np.int32)
     stim = np.zeros((c, 3, p, p), np.int64)
+    pix = np.zeros((c, p, p), np.int64)
+    centre = np.zeros((c, 3, p, p), np.int64)
+    centre_pix = np.zeros((c, p, p), np.int64)
     m = 4 * p * f
     big = np.pad(images.astype(np.int64), ((0, 0), (0, 0), (m, m), (m, m)))
+    ones = np.pad(np.ones(images.shape[-2:], np.int64), m)  # 1 on image pixels, 0 outside
+
+    def box(i: int, y: int, x: int) -> tuple[np.ndarray, np.ndarray]:
+        y0 = geo.first[0] + y * geo.stride[0] + m
+        x0 = geo.first[1] + x * geo.stride[1] + m
+        rgb = big[i, :, y0 : y0 + p * f, x0 : x0 + p * f].reshape(3, p, f, p, f).sum(axis=(2, 4))
+        inside = ones[y0 : y0 + p * f, x0 : x0 + p * f].reshape(p, f, p, f).sum(axis=(1, 3))
+        return rgb, inside
+
+    h = acts.shape[2]
+    yc, xc = h // 2, w // 2
     for ch in range(c):
         order = sorted(range(n), key=lambda i: (-float(mx[i, ch]), i))[:k]
         for j, i in enumerate(order):
@@ -104,11 +118,13 @@ def reference(acts: np.ndarray, images: np.ndarray, geo: PatchGeometry, k: int) 
             ty[ch, j], tx[ch, j] = divmod(int(arg[i, ch]), w)
         for i in range(n):
             if mx[i, ch] > 0:
-                y, x = divmod(int(arg[i, ch]), w)
-                y0 = geo.first[0] + y * geo.stride[0] + m
-                x0 = geo.first[1] + x * geo.stride[1] + m
-                box = big[i, :, y0 : y0 + p * f, x0 : x0 + p * f]
-                stim[ch] += box.reshape(3, p, f, p, f).sum(axis=(2, 4))
+                rgb, inside = box(i, *divmod(int(arg[i, ch]), w))
+                stim[ch] += rgb
+                pix[ch] += inside
+            if acts[i, ch, yc, xc] > 0:  # eq. 5: the fixed centre neuron is positive on image i
+                rgb, inside = box(i, yc, xc)
+                centre[ch] += rgb
+                centre_pix[ch] += inside
     a64 = acts.astype(np.float64)
     return {
         "topk_value": tv,
@@ -116,6 +132,10 @@ def reference(acts: np.ndarray, images: np.ndarray, geo: PatchGeometry, k: int) 
         "topk_y": ty,
         "topk_x": tx,
         "stimulus_sum": stim,
+        "pixel_count": pix,
+        "centre_sum": centre,
+        "centre_count": (acts[:, :, yc, xc] > 0).sum(axis=0),
+        "centre_pixel_count": centre_pix,
         "positive_count": (mx > 0).sum(axis=0),
         "max": mx.max(axis=0),
         "mean": a64.mean(axis=(0, 2, 3)),
@@ -194,7 +214,9 @@ def test_reducer_matches_numpy_reference(
     np.testing.assert_array_equal(mx, ref["spatial_max"])
     np.testing.assert_array_equal(arg, ref["spatial_arg"])
     state = red.state_dict()
-    for key in ("topk_value", "topk_image", "topk_y", "topk_x", "stimulus_sum", "positive_count", "max"):
+    keys = ("topk_value", "topk_image", "topk_y", "topk_x", "stimulus_sum", "positive_count", "max")
+    keys += ("pixel_count", "centre_sum", "centre_count", "centre_pixel_count")
+    for key in keys:
         np.testing.assert_array_equal(state[key], ref[key], err_msg=key)
     assert state["stimulus_sum"].any() or not (ref["positive_count"] > 0).any()
     res = red.result()
@@ -202,10 +224,13 @@ def test_reducer_matches_numpy_reference(
     n = acts.shape[0] * acts.shape[2] * acts.shape[3]
     np.testing.assert_allclose(res.mean, ref["mean"], rtol=1e-6, atol=nb * 2.0**-FIXED_POINT_BITS / n + 1e-7)
     np.testing.assert_array_equal(res.zero_fraction, ref["zero_fraction"].astype(np.float32))
-    count = ref["positive_count"]
-    with np.errstate(invalid="ignore"):
-        want = (ref["stimulus_sum"] / (count * geo.factor**2)[:, None, None, None]).astype(np.float32)
+    # definition changed: divide by the image pixels under each cell (outside the image: not black)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want = (ref["stimulus_sum"] / ref["pixel_count"][:, None]).astype(np.float32)
+        want_c = (ref["centre_sum"] / ref["centre_pixel_count"][:, None]).astype(np.float32)
     np.testing.assert_array_equal(res.mean_stimulus, want)
+    np.testing.assert_array_equal(res.mean_stimulus_centre, want_c)
+    np.testing.assert_array_equal(res.positive_count_centre, ref["centre_count"])
     assert int(state["position_count"]) == n
 
 
@@ -292,3 +317,63 @@ def test_state_dict_roundtrip_and_shape_check() -> None:
     bad["stimulus_sum"] = bad["stimulus_sum"][:, :, :2]
     with pytest.raises(ValueError, match="stimulus_sum"):
         LayerReducer.from_state_dict(bad, geo)
+
+
+@pytest.mark.parametrize("patch_max", [64, 4])
+def test_border_pixels_are_counted_not_black(patch_max: int) -> None:
+    """A corner unit's receptive field hangs over the image edge: on a uniform image its mean
+    stimulus is that colour on every cell with image pixels (per-pixel counts), NaN beyond; the
+    centre unit's field lies inside the image and has counts = positives x f² everywhere."""
+    geo = patch_geometry(TINY_RF["d"], (36, 36), patch_max)  # 19x19 field, first pixel (-5, -5)
+    f, p = geo.factor, geo.size
+    red = LayerReducer(2, geo, k=2)
+    images = torch.full((3, 3, 36, 36), 200, dtype=torch.uint8)
+    images[:, 1] = 50
+    acts = torch.full((3, 2, 4, 4), -1.0)
+    acts[:, 0, 0, 0] = 1.0  # channel 0: strongest at the corner; its centre neuron is never > 0
+    acts[:, 1, 2, 2] = 1.0  # channel 1: strongest at the centre (H // 2, W // 2) = (2, 2)
+    red.add(acts, images, torch.arange(3))
+    res, st = red.result(), red.state_dict()
+    corner = res.mean_stimulus[0]
+    inside = st["pixel_count"][0] > 0
+    assert (st["pixel_count"][0] < 3 * f * f).any()  # the corner field is partly outside the image
+    np.testing.assert_array_equal(corner[0][inside], 200.0)
+    np.testing.assert_array_equal(corner[1][inside], 50.0)
+    assert np.isnan(corner[:, ~inside]).all()
+    # brute force: a cell's count is (image pixels in it) x (positive images)
+    ys = np.arange(p) * f + geo.first[0]
+    cover = np.clip(np.minimum(ys + f, 36) - np.maximum(ys, 0), 0, f)
+    np.testing.assert_array_equal(st["pixel_count"][0], 3 * np.outer(cover, cover))
+    np.testing.assert_array_equal(
+        res.mean_stimulus[1], np.broadcast_to([[[200.0]], [[50.0]], [[200.0]]], (3, p, p))
+    )
+    # the eq. 4-5 centre neuron: channel 1 positive on every image, channel 0 never
+    assert res.positive_count_centre.tolist() == [0, 3]
+    np.testing.assert_array_equal(res.mean_stimulus_centre[1], res.mean_stimulus[1])
+    assert np.isnan(res.mean_stimulus_centre[0]).all()
+
+
+def test_centre_neuron_mean_stimulus_brute_force() -> None:
+    """Eq. 4–5 with a loop over images: the mean of x[r_i] over X+ = {x : f_i(x) > 0} for the fixed
+    neuron i at the map centre, which differs from the strongest-position average."""
+    images = make_images(40, 36, seed=3)
+    batches = forward_acts(images, 6)
+    geo = patch_geometry(TINY_RF["b"], images.shape[-2:], 64)  # f = 1: plain pixel means
+    red, _, _ = run_reducer("b", images, batches, 6, geo, 3)
+    acts = torch.cat([o["b"] for o in batches]).numpy()
+    res = red.result()
+    yc, xc = acts.shape[2] // 2, acts.shape[3] // 2
+    y0, x0 = geo.first[0] + yc * geo.stride[0], geo.first[1] + xc * geo.stride[1]
+    side = geo.size
+    for ch in range(acts.shape[1]):
+        xplus = [i for i in range(len(images)) if acts[i, ch, yc, xc] > 0]
+        assert res.positive_count_centre[ch] == len(xplus)
+        if not xplus:
+            assert np.isnan(res.mean_stimulus_centre[ch]).all()
+            continue
+        want = np.full((3, side, side), np.nan)
+        ya, xa = max(y0, 0), max(x0, 0)
+        yb, xb = min(y0 + side, 36), min(x0 + side, 36)
+        crop = images[xplus][:, :, ya:yb, xa:xb].astype(np.float64).mean(axis=0)
+        want[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = crop
+        np.testing.assert_allclose(res.mean_stimulus_centre[ch], want, rtol=1e-6)

@@ -65,8 +65,10 @@ def test_quick_training_learns_and_checkpoint_reloads(name: str, tmp_path: Path)
         device="cpu", seed=0, progress=False,
     )  # fmt: skip
     assert result.checkpoint_url == url and result.epochs == TrainConfig.quick().epochs
-    assert result.val_accuracy is not None and result.val_accuracy >= 0.6, result  # chance is 0.1
-    assert 0 < result.train_loss < 1.5 and result.seconds > 0
+    # chance is 0.1 (and ln 10 = 2.30 the chance loss); the synthetic data is hard since issue 14
+    # (distractors, occluders): 384 images and 4 epochs give ~0.3 (plainnet10t) to ~0.6 (resnet10t)
+    assert result.val_accuracy is not None and result.val_accuracy >= 0.2, result
+    assert 0 < result.train_loss < 2.0 and result.seconds > 0
 
     model = get_model(name, weights=url)
     assert model_meta(model).weights == url
@@ -103,3 +105,29 @@ def test_training_is_seeded_and_leaves_global_rng_alone() -> None:
     assert not torch.equal(a["fc.weight"], c["fc.weight"])
     fresh = get_model("plainnet10t", seed=0).state_dict()
     assert not torch.equal(a["fc.weight"], fresh["fc.weight"])  # it did train
+
+
+def test_random_resized_crop_draws_from_the_original_image(tmp_path: Path) -> None:
+    """§3.1: the crop's area and aspect ratio are relative to the whole original image. A 300x100
+    image with red only in its leftmost 30 columns: a centre crop of the resized image never shows
+    red; a full-area crop of aspect 3 of the original does, on its left tenth."""
+    import numpy as np
+    from PIL import Image
+
+    from rfcore.data import open_dataset
+    from rfcore.train import TrainConfig, _Augmented
+
+    pixels = np.full((100, 300, 3), 128, np.uint8)
+    pixels[:, :30] = (255, 0, 0)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "a" / "wide.png")
+    ds = open_dataset(f"imagefolder:{tmp_path}", size=32, resize=32)
+    assert (ds.get(0)[0][0] == 128).all()  # the centre crop has no red
+    assert ds.get_original(0)[0].shape == (3, 100, 300)
+    aug = _Augmented(ds, 32, TrainConfig(crop_scale=(1.0, 1.0), crop_ratio=(3.0, 3.0), hflip=False))
+    item = aug[0]
+    assert item is not None
+    crop = item[0].numpy()
+    assert crop.shape == (3, 32, 32)
+    assert (crop[0, :, :2] > 200).all() and (crop[1, :, :2] < 50).all()  # red on the left
+    assert (crop[0, :, 6:] < 140).all()  # grey elsewhere
