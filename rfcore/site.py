@@ -369,8 +369,10 @@ class ImageInfo:
         """(class name or label, file name) of dataset image `index`; "" when unknown."""
         cls = name = ""
         if self.labels is not None and 0 <= index < self.labels.shape[0]:
-            label = int(self.labels[index])
-            cls = self.classes[label] if 0 <= label < len(self.classes) else str(label)
+            label = int(self.labels[index])  # -1: unlabelled
+            cls = (
+                self.classes[label] if 0 <= label < len(self.classes) else (str(label) if label >= 0 else "")
+            )
         if self.paths is not None and 0 <= index < self.paths.shape[0]:
             name = posixpath.basename(str(self.paths[index]).replace("\\", "/"))
         return cls, name
