@@ -799,29 +799,41 @@ def _noise_table(urls: Sequence[str]) -> str:
         return ""
 
 
-def _similarity(atlas: Atlas, assets: SiteAssets, slug: str) -> str:
-    """The cross-block similarity of `rfcore.similarity`, when that module exists."""
+def _similarities(atlases: Sequence[Atlas], slugs: Sequence[str], assets: SiteAssets) -> str:
+    """The cross-block similarity of each atlas (`rfcore.similarity`, when that module exists): one
+    table with a column per atlas for {stage: value} results, a heat map each for matrices."""
     try:
-        from rfcore.similarity import cross_block_similarity  # type: ignore[import-not-found,unused-ignore]
+        from rfcore.similarity import cross_block_similarity
     except ImportError:
         return ""
-    result = cross_block_similarity(atlas)
-    if isinstance(result, Mapping):
-        rows = [[_e(k), _fmt(v) if not isinstance(v, (list, tuple, np.ndarray)) else _e(np.round(np.asarray(v, dtype=float), 3).tolist())]
-                for k, v in result.items()]  # fmt: skip
-        return _table(["", "similarity"], rows, num=[1])
-    arr = np.asarray(result, dtype=np.float64)
-    if arr.ndim == 2:
+    results = [cross_block_similarity(a) for a in atlases]
+    title = (
+        "<h2>Cross-block similarity</h2><p class='muted'>the same channel in consecutive blocks of a "
+        "stage (rfcore.similarity; ≈ 0 by chance)</p>"
+    )
+    if all(isinstance(r, Mapping) for r in results):
+        stages: list[str] = []
+        for r in results:
+            stages += [str(k) for k in r if str(k) not in stages]
+        if not stages:
+            return title + "<p>No stage has two consecutive swept blocks of equal width.</p>"
+        head = ["stage"] + [_e(a.run.get("model")) for a in atlases]
+        rows = [[_e(st)] + [_fmt(r.get(st, float("nan"))) for r in results] for st in stages]
+        return title + _table(head, rows, num=list(range(1, len(head))))
+    figs = []
+    for a, slug, result in zip(atlases, slugs, results, strict=True):
+        arr = np.asarray(result, dtype=np.float64)
 
-        def draw(ax: Any) -> None:
+        def draw(ax: Any, arr: np.ndarray = arr) -> None:
             im = ax.imshow(arr, cmap="viridis")
             ax.figure.colorbar(im, ax=ax)
-            ax.set_xlabel("block")
-            ax.set_ylabel("block")
 
         src = assets.figure(f"similarity-{slug}", draw, size=(3.4, 3))
-        return f'<figure><img class="plot" src="{src}" alt="cross-block similarity"></figure>'
-    return f"<p>{_e(result)}</p>"
+        figs.append(
+            f'<figure><img class="plot" src="{src}" alt="cross-block similarity of {_e(slug)}">'
+            f"<figcaption>{_e(a.run.get('model'))}</figcaption></figure>"
+        )
+    return title + "".join(figs)
 
 
 def write_compare(
@@ -859,14 +871,7 @@ def write_compare(
             row.append(" · ".join(bits))
         rows.append(row)
     parts.append("<h2>Layers side by side</h2>" + _table(head, rows))
-    sims = []
-    assets = SiteAssets(out, "")
-    for s, a in zip(slugs, atlases, strict=True):
-        sim = _similarity(a, assets, s)
-        if sim:
-            sims.append(f"<h3>{_e(a.run.get('model'))}</h3>{sim}")
-    if sims:
-        parts.append("<h2>Cross-block similarity</h2>" + "".join(sims))
+    parts.append(_similarities(atlases, slugs, SiteAssets(out, "")))
     out.write(
         "compare.html",
         _page("comparison · rfatlas", "\n".join(parts), root="", crumbs=[("comparison", "compare.html")]),

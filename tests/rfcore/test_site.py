@@ -277,19 +277,21 @@ def test_site_on_s3(tiny_atlas: tuple[str, dict[str, Any]], s3_bucket: str) -> N
         )
 
 
-@pytest.mark.parametrize("kind", ["mapping", "matrix"])
+@pytest.mark.parametrize("kind", ["mapping", "matrix", "real"])
 def test_comparison_shows_cross_block_similarity(
     tiny_kit: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    """When `rfcore.similarity.cross_block_similarity` exists, the comparison page shows it (a table
-    for a mapping, a matplotlib heat map for a matrix)."""
+    """The comparison page shows `rfcore.similarity.cross_block_similarity`: a {stage: value} result
+    as one table with a column per atlas, a matrix as a matplotlib heat map; the real measure finds no
+    stage in the tiny atlas (one block per stage) and says so."""
     import sys
     import types
 
-    fake = types.ModuleType("rfcore.similarity")
-    values: Any = {"layer1.0 vs layer2.0": 0.25} if kind == "mapping" else np.eye(3)
-    fake.cross_block_similarity = lambda atlas: values  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "rfcore.similarity", fake)
+    if kind != "real":
+        fake = types.ModuleType("rfcore.similarity")
+        values: Any = {"layer1": 0.25, "layer2": 0.5} if kind == "mapping" else np.eye(3)
+        fake.cross_block_similarity = lambda atlas: values  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "rfcore.similarity", fake)
     a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
     tiny_kit.make(a)
     tiny_kit.make(b)
@@ -299,6 +301,8 @@ def test_comparison_shows_cross_block_similarity(
     compare = (out / "compare.html").read_text()
     assert "<h2>Cross-block similarity</h2>" in compare
     if kind == "mapping":
-        assert "layer1.0 vs layer2.0" in compare and "0.25" in compare
-    else:
+        assert '<td>layer2</td><td class="num">0.5</td><td class="num">0.5</td>' in compare
+    elif kind == "matrix":
         assert 'src="img/similarity-a.png"' in compare and (out / "img" / "similarity-b.png").exists()
+    else:
+        assert "No stage has two consecutive swept blocks of equal width." in compare
