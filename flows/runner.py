@@ -200,6 +200,14 @@ def quiet_logs(verbose: bool = False) -> None:
     os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "error")
 
 
+def _flush_api_logs() -> None:
+    """Send the log records still queued for the Prefect API, and wait for them (best effort)."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str | None]:
     """Use `PREFECT_API_URL` when set; otherwise start one local (ephemeral) API server for this
@@ -218,7 +226,10 @@ def prefect_api() -> Iterator[str | None]:
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            try:
+                yield server.api_url
+            finally:
+                _flush_api_logs()  # while the server still answers: flow and task logs go to the API
     finally:
         if old is None:
             os.environ.pop("PREFECT_API_URL", None)
