@@ -560,13 +560,14 @@ def _write_layer(ctx: _Ctx, name: str, site_layers: Sequence[str] | None = None)
     body = (
         head
         + (f"<p>{_e(badge_counts)}</p>" if badge_counts else "")
-        + "\n".join(sections)
         + '<div class="controls"><label>sort by <select id="sort">'
         + sort_opts
         + '</select></label><input id="filter" type="search" placeholder="filter: 12 · inactive · max>1.5" '
         'aria-label="filter channels"><span id="count" class="muted"></span></div>\n'
         + f'<div id="grid">\n{"".join(cards)}\n</div>\n'
         + f'<script type="application/json" id="columns">{columns_json}</script>'
+        + ("<h2>The layer</h2>" if sections else "")
+        + "\n".join(sections)  # below the grid: the grid is what one browses
     )
     out.write(
         f"{directory}/index.html", _page(f"{name} · {ctx.slug} · rfatlas", body, root="../..", crumbs=crumbs)
