@@ -23,6 +23,7 @@ from prefect.logging import get_run_logger
 from flows.analysis import analysis
 from flows.failures import TaskFailedError
 from flows.lease import hold_lease, lease_owner
+from flows.monitoring import record_flow_run
 from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
 from rfcore.analysis import get_analysis, list_analyses, option_fields, options_config, parse_list
@@ -212,6 +213,7 @@ def atlas(
     label = f"atlas-{model}-{data}"
     safe_url = redact(store_url)
     with hold_lease(store):
+        record_flow_run(store)  # the site links each atlas to the run that made it
         n, total = plan["num_shards"], plan["num_images"]
         done = store.done_keys("sweep")
         pending = [s for s in range(n) if sweep_shard_key(s) not in done]

@@ -1,4 +1,4 @@
-"""`rfatlas` command line: demo, run, train, ingest, rf, ls, verify (+ analysis commands of their modules).
+"""`rfatlas` command line: demo, run, train, ingest, rf, ls, verify, report, serve (+ analysis commands of their modules).
 
 Every bad input is one line on stderr (`rfatlas: error: ...`) and exit code 2, checked before Prefect or
 Dask start. Runs use the Prefect API in `PREFECT_API_URL`, or a temporary local one.
@@ -232,6 +232,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from rfcore.site import write_site
+
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
+    res = write_site(
+        [_out_url(u) for u in args.urls], _out_url(args.out), layers=layers, workers=args.workers
+    )
+    n = sum(len(v) for v in res["layers"].values())
+    print(
+        f"wrote the site of {len(args.urls)} atlas(es), {n} layer pages, in {res['seconds']:.1f} s: {res['index']}"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+
+    return serve(args.site, port=args.port)
+
+
 def cmd_analyses(args: argparse.Namespace) -> int:
     from rfcore.analysis import get_analysis, list_analyses
 
@@ -366,6 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="schema and completeness check of an atlas (exit 1 on problems)")
     p.add_argument("url")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("report", help="write the browsable site of atlases (several: with a comparison page)")
+    p.add_argument("urls", nargs="+", metavar="URL", help="atlas URL(s)")
+    p.add_argument("--out", required=True, help="site directory or URL (s3://bucket/prefix works)")
+    p.add_argument("--layers", default=None, help="only these layers: L1,L2,... (default: all)")
+    p.add_argument("--workers", type=_positive, default=1, help="processes writing layers in parallel")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="serve a site on 127.0.0.1 for a quick look")
+    p.add_argument("site", help="site directory (or fsspec URL) written by `rfatlas report`")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("analyses", help="the registered analyses, one a line: name, then what it writes")
     p.set_defaults(func=cmd_analyses)

@@ -1,5 +1,5 @@
 """The `demo` flow: synthetic data → train `resnet10t` and `plainnet10t` → atlas of both (with every
-analysis that exists) → reports and a short account of what was found. Offline, < 5 min on 2 cores.
+analysis that exists) → one browsable site of both (`rfcore.site`) and a short account of what was found. Offline, < 5 min on 2 cores.
 
 Every demo default lives in `DEMO` below.
 """
@@ -18,7 +18,7 @@ from flows.atlas import atlas, parse_analyses
 from flows.compare import TABLE_TITLE, compare
 from flows.progress import ProgressEvent, emit
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
-from rfcore.report import write_report
+from rfcore.site import atlas_slug, write_site
 from tasks.train import train_model
 
 DEMO: dict[str, Any] = {
@@ -79,7 +79,7 @@ def demo(
     seed: int = DEMO["seed"],
 ) -> dict[str, Any]:
     """Train the tiny models (in parallel on the Dask workers), sweep each into its own atlas under
-    `out`, write the HTML reports; returns the findings."""
+    `out`, write the site (`out/site/index.html`, with a comparison page); returns the findings."""
     log = get_run_logger()
     check_demo_out(out)
     base = _abs_url(out)
@@ -113,13 +113,12 @@ def demo(
             model=m, data=val_data, store_url=store_url, weights=trained[m]["checkpoint_url"], layers=layers,
             k=k, shard_size=shard_size, analyses=names, device=device, seed=seed, analysis_options=options,
         )  # fmt: skip
-        report = _report(store_url, _join(base, "report", m))
         results["models"][m] = {
             "val_accuracy": trained[m]["val_accuracy"],
             "train_seconds": trained[m]["seconds"],
             "checkpoint": trained[m]["checkpoint_url"],
             "store": store_url,
-            "report": report,
+            "report": None,  # set once the site is written
             "layers": summary["layers"],
             "channels": summary["channels"],
             "images": summary["num_images"],
@@ -131,14 +130,19 @@ def demo(
             "cross_block": cross_block(store_url),
         }
         log.info("demo: %s done (%s)", m, store_url)
+    site = _report([r["store"] for r in results["models"].values()], _join(base, "site"))
+    results["site"] = site
+    for r in results["models"].values():
+        r["report"] = _join(site.rpartition("/")[0], atlas_slug(r["store"]), "index.html")
     if "noise" in names:
         results["noise_table"] = compare([r["store"] for r in results["models"].values()])
     create_markdown_artifact(format_findings(results), key="demo-findings", description="rfatlas demo")
     return results
 
 
-def _report(store_url: str, out_dir: str) -> str:
-    return str(write_report(store_url, out_dir))
+def _report(store_urls: list[str], out_dir: str) -> str:
+    """The site of the atlases (a comparison page with two or more); returns its index.html URL."""
+    return str(write_site(store_urls, out_dir)["index"])
 
 
 def notable_units(store_url: str, data: str, n: int = 3) -> list[dict[str, Any]]:
@@ -216,6 +220,11 @@ def format_findings(results: dict[str, Any]) -> str:
         lines += [f"  {line}" for line in r.get("findings", [])]
         lines.append(f"  store:  {r['store']}")
         lines.append(f"  report: {r['report']}")
+    if results.get("site"):
+        lines += [
+            "",
+            f"browse the atlases: {results['site']} (or: rfatlas serve {results['site'].rpartition('/')[0]})",
+        ]
     if results.get("noise_table"):
         lines += ["", f"{TABLE_TITLE}:", results["noise_table"].rstrip()]
     return "\n".join(lines)

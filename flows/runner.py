@@ -188,12 +188,24 @@ def gpu_tasks(device: str) -> contextlib.AbstractContextManager[Any]:
 
 
 def quiet_logs(verbose: bool = False) -> None:
-    """Defaults for CLI runs: Prefect and Dask log warnings only (the CLI draws a progress bar)."""
+    """Defaults for CLI runs: the terminal shows warnings only (the CLI draws a progress bar), while
+    flow and task logs still reach the Prefect API at INFO (the UI's Logs tab): only the console
+    handler of Prefect's logging config is raised (`PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL`), not
+    `PREFECT_LOGGING_LEVEL`, which would stop them at the API handler too. Set before Prefect is
+    imported; Dask workers inherit the environment."""
     if verbose:
         return
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
     os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "error")
+
+
+def _flush_api_logs() -> None:
+    """Send the log records still queued for the Prefect API, and wait for them (best effort)."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
 
 
 @contextlib.contextmanager
@@ -214,7 +226,10 @@ def prefect_api() -> Iterator[str | None]:
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            try:
+                yield server.api_url
+            finally:
+                _flush_api_logs()  # while the server still answers: flow and task logs go to the API
     finally:
         if old is None:
             os.environ.pop("PREFECT_API_URL", None)

@@ -1073,6 +1073,10 @@ class AtlasLayer:
 
         A dim whose size clashes with the sweep's (`dim_sizes`, e.g. an analysis's `channel` subset)
         is renamed `<group>/<dim>` (`<array>/<dim>` for arrays directly in the layer group).
+
+        Coordinates: `image` (dataset index) with `label`, `class_name` and `path` along it when the
+        store records them (`images/label`, `images/path`, root attr `classes`), `channel` and `k`;
+        so `ds["activation"].groupby("label").mean()` gives each class's mean per channel.
         """
         import xarray as xr
 
@@ -1088,7 +1092,30 @@ class AtlasLayer:
                 scope = parent or name
                 clash = {d: f"{scope}/{d}" for d, n in var.sizes.items() if sizes.setdefault(str(d), n) != n}
                 variables[name] = (var.rename(clash) if clash else var).variable
-        return xr.Dataset(variables, attrs=self.attrs)
+        ds = xr.Dataset(variables, attrs=self.attrs)
+        return ds.assign_coords(self._coords(set(map(str, ds.dims))))
+
+    def _coords(self, dims: set[str]) -> dict[str, Any]:
+        """Coordinates of the sweep dims among `dims` (see `to_xarray`)."""
+        sizes = self.dim_sizes()
+        coords: dict[str, Any] = {d: np.arange(sizes[d]) for d in ("image", "channel", "k") if d in dims}
+        if "image" not in dims:
+            return coords
+        root, n = self._store.root, sizes["image"]
+        label, path = root.get("images/label"), root.get("images/path")
+        if isinstance(label, zarr.Array) and label.shape == (n,):
+            labels = np.asarray(label[...]).astype(np.int64)
+            coords["label"] = ("image", labels)
+            classes = _attrs(root).get("classes")
+            if isinstance(classes, list) and classes:
+                names = [str(classes[i]) if 0 <= i < len(classes) else "" for i in labels.tolist()]
+                coords["class_name"] = ("image", np.array(names, dtype=object))
+        if isinstance(path, zarr.Array) and path.shape == (n,):
+            coords["path"] = (
+                "image",
+                np.array([str(p) for p in np.asarray(path[...]).tolist()], dtype=object),
+            )
+        return coords
 
 
 class Atlas:

@@ -41,6 +41,7 @@ def test_demo_flow_small(dask_runner: Any, tmp_path: Path) -> None:
         assert len(r["notable"]) == 3 and r["notable"][0]["layer"] == "layer4.0"
         assert Path(r["report"]).exists() and any("inactive" in line for line in r["findings"])
         assert r["cross_block"] == {}  # no two consecutive equal-width layers in one stage swept here
+    assert Path(res["site"]).exists() and (Path(res["site"]).parent / "compare.html").exists()
     text = format_findings(res)
     assert "resnet10t: validation accuracy" in text and "plainnet10t" in text and "store:" in text
 
