@@ -273,6 +273,9 @@ class SelectivityAnalysis(Analysis):
             "selectivity_p": read(atlas, f"{base}/p_value"),
             "preferred_class": read(atlas, f"{base}/preferred_class"),
         }
+        alpha = ((group_attrs(atlas, base) or {}).get("distribution") or {}).get("alpha")
+        if cols["selectivity_p"] is not None and alpha is not None:  # the badge: significant at alpha
+            cols["category_selective"] = np.asarray(cols["selectivity_p"] < float(alpha))
         return {k: v for k, v in cols.items() if v is not None}
 
     def report_layer(self, atlas: Atlas, layer: str, assets: Assets) -> Section | None:
