@@ -101,8 +101,8 @@ def command(args: argparse.Namespace) -> int:
     """`rfatlas NAME URL ...`: run one analysis on an atlas (holding its lease) and print its findings."""
     from flows.cli import _run_with_bar, _start_prefect
     from flows.runner import make_task_runner
+    from rfcore.atlas import Atlas
     from rfcore.errors import ConfigMismatchError
-    from rfcore.store import Atlas
 
     a = get_analysis(args.command)
     options = options_from_args(args, a)

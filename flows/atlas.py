@@ -158,7 +158,7 @@ def _summary_markdown(s: dict[str, Any]) -> str:
         "```",
         f"rfatlas ls {url}",
         f"rfatlas verify {url}",
-        f"python -c \"import rfcore.store as s; a = s.open_atlas('{url}'); print(a.layers)\"",
+        f"python -c \"import rfcore; a = rfcore.open_atlas('{url}'); print(a.layers)\"",
         "```",
     ]
     if s.get("analysis_results"):

@@ -211,14 +211,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from rfcore.store import describe_store
+    from rfcore.atlas import describe_store
 
     print(describe_store(args.url))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from rfcore.store import open_atlas, verify_store
+    from rfcore.atlas import open_atlas, verify_store
     from rfcore.urls import redact
 
     open_atlas(args.url)  # unreadable / not an atlas: one-line error, exit 2

@@ -147,7 +147,7 @@ def _report(store_urls: list[str], out_dir: str) -> str:
 
 def notable_units(store_url: str, data: str, n: int = 3) -> list[dict[str, Any]]:
     """Units of the deepest layer whose top-k images agree most on one class (class-selective units)."""
-    from rfcore.store import open_atlas
+    from rfcore.atlas import open_atlas
     from tasks.runtime import cached_dataset
 
     a = open_atlas(store_url)
@@ -182,8 +182,8 @@ def notable_units(store_url: str, data: str, n: int = 3) -> list[dict[str, Any]]
 
 def cross_block(store_url: str) -> dict[str, float]:
     """§3.3: {stage: similarity of the same channel in consecutive blocks} (rfcore.similarity)."""
+    from rfcore.atlas import open_atlas
     from rfcore.similarity import cross_block_similarity
-    from rfcore.store import open_atlas
 
     return cross_block_similarity(open_atlas(store_url))
 
@@ -191,7 +191,7 @@ def cross_block(store_url: str) -> dict[str, float]:
 def analysis_findings(store_url: str, names: list[str]) -> list[str]:
     """Each analysis's one-line findings (with their numbers) on the atlas, in run order."""
     from rfcore.analysis import get_analysis
-    from rfcore.store import open_atlas
+    from rfcore.atlas import open_atlas
 
     atlas = open_atlas(store_url)
     return [line for name in names for line in get_analysis(name).findings(atlas)]

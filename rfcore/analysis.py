@@ -36,8 +36,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from rfcore.atlas import Atlas
     from rfcore.data import ImageDataset
-    from rfcore.store import Atlas, AtlasStore
+    from rfcore.store import AtlasStore
 
 
 class AnalysisError(RfatlasError):

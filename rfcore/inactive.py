@@ -12,10 +12,11 @@ import zarr
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from rfcore.atlas import Atlas
 from rfcore.errors import DataError, StoreError, UnknownLayerError
 from rfcore.layers import capture
 from rfcore.schema import ArraySpec
-from rfcore.store import Atlas, AtlasStore, redact
+from rfcore.store import AtlasStore, redact
 
 INACTIVE_SPEC = ArraySpec(
     "inactive",

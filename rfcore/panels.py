@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 if TYPE_CHECKING:
-    from rfcore.store import Atlas
+    from rfcore.atlas import Atlas
 
 Image = NDArray[np.float32]
 

@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 if TYPE_CHECKING:
-    from rfcore.store import Atlas
+    from rfcore.atlas import Atlas
 
 MEASURES = ("activation", "topk")
 _STAGE = re.compile(r"^(?P<stage>(?:.*\.)?layer\d+)\.(?P<block>\d+)$")

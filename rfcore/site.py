@@ -9,7 +9,7 @@ Layout under the output URL (a local directory or any fsspec URL, e.g. ``s3://bu
     <atlas>/<layer>/c0012.html      one channel: top-k, mean stimuli, act-max, virtual filter, analyses
     <atlas>/<layer>/img/...         images (each written once)
 
-Everything reads through :func:`rfcore.store.open_atlas`, one layer at a time and one channel block
+Everything reads through :func:`rfcore.atlas.open_atlas`, one layer at a time and one channel block
 at a time (memory: one layer's per-channel summaries plus one block of images). `write_layer` is
 the unit of work (a flow can run layers in parallel); `write_site` does it all in order. Display
 only: nothing here computes an analysis. The sweep's results (top-k, mean stimuli, statistics,
@@ -38,8 +38,9 @@ import zarr
 from PIL import Image
 
 from rfcore.analysis import Analysis, Section, get_analysis, list_analyses
+from rfcore.atlas import Atlas, AtlasLayer, open_atlas
 from rfcore.errors import RfatlasError, StoreError
-from rfcore.store import Atlas, AtlasLayer, open_atlas, redact
+from rfcore.store import redact
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@ import zarr
 
 import rfcore.actmax as am
 from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, parse_list, register
+from rfcore.atlas import Atlas
 from rfcore.layers import list_layers, resolve_layers
 from rfcore.models import get_model
-from rfcore.store import Atlas, AtlasStore
+from rfcore.store import AtlasStore
 
 
 @dataclass(frozen=True)

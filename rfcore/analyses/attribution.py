@@ -34,13 +34,14 @@ from rfcore.analysis import (
     options_config,
     register,
 )
+from rfcore.atlas import Atlas
 from rfcore.attribution import batch_contribution, contribution_table, domination, focus_maps, top_units
 from rfcore.data import iter_batches
 from rfcore.errors import StoreError
 from rfcore.models import model_meta
 from rfcore.pipeline import layer_geometry
 from rfcore.schema import ArraySpec
-from rfcore.store import Atlas, AtlasStore, redact
+from rfcore.store import AtlasStore, redact
 
 _NAN = float("nan")
 GROUP = "attribution"

@@ -25,6 +25,7 @@ from rfcore.analyses.selectivity import (
     swept_layers,
 )
 from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, options_config, register
+from rfcore.atlas import Atlas
 from rfcore.cluster import (
     CLASS_NORMS,
     UNIT_NORMS,
@@ -35,7 +36,7 @@ from rfcore.cluster import (
     unit_features,
 )
 from rfcore.schema import ArraySpec
-from rfcore.store import Atlas, AtlasStore
+from rfcore.store import AtlasStore
 
 _NAN = float("nan")
 ROOT = "clusters"

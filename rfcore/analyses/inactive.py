@@ -10,10 +10,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, parse_list, register
+from rfcore.atlas import Atlas
 from rfcore.errors import ConfigMismatchError, StoreError
 from rfcore.inactive import INACTIVE_SPEC, default_layer, read_inactive, write_inactive
 from rfcore.models import get_model
-from rfcore.store import Atlas, AtlasStore, redact
+from rfcore.store import AtlasStore, redact
 
 
 def analysis_layers(store: AtlasStore, spec: str) -> list[str]:

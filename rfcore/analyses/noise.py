@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 
 from rfcore.analyses.inactive import analysis_layers, check_threshold
 from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, register
+from rfcore.atlas import Atlas
 from rfcore.data import iter_batches, shard_ranges
 from rfcore.errors import StoreError
 from rfcore.inactive import detect_inactive, read_inactive, write_inactive
@@ -32,7 +33,7 @@ from rfcore.noise import (
     summarize,
 )
 from rfcore.schema import ArraySpec
-from rfcore.store import Atlas, AtlasStore, redact
+from rfcore.store import AtlasStore, redact
 
 NOISE_FIELDS: tuple[str, ...] = ("loss", "correct1", "correct5")
 _NOISE_DOCS = {

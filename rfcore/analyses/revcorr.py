@@ -25,11 +25,12 @@ from rfcore.analyses.tuning import (
     stimulus_amplitude,
 )
 from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, options_config, register
+from rfcore.atlas import Atlas
 from rfcore.models import model_meta
 from rfcore.revcorr import RevcorrReducer, accumulate, agreement, box_features, box_spec, predicted_surface
 from rfcore.schema import ArraySpec
 from rfcore.stimuli import GratingSet, log_sfs, orientations, phases
-from rfcore.store import Atlas, AtlasStore
+from rfcore.store import AtlasStore
 from rfcore.tuning import preferred, rf_centre
 
 _IMG = ("channel", "rc_color", "ry", "rx")

@@ -24,10 +24,11 @@ from rfcore.analysis import (
     parse_list,
     register,
 )
+from rfcore.atlas import Atlas
 from rfcore.errors import StoreError
 from rfcore.schema import ArraySpec, sweep_shard_key
 from rfcore.selectivity import NEGATIVE_MODES, SPARSENESS_OVER, category_selectivity, distribution
-from rfcore.store import Atlas, AtlasStore, redact
+from rfcore.store import AtlasStore, redact
 
 _NAN = float("nan")
 GROUP = "selectivity"

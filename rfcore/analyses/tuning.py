@@ -25,10 +25,11 @@ from rfcore.analysis import (
     parse_list,
     register,
 )
+from rfcore.atlas import Atlas
 from rfcore.models import model_meta
 from rfcore.schema import ArraySpec
 from rfcore.stimuli import COLOUR_AXES, GratingSet, log_sfs, orientations, phases
-from rfcore.store import Atlas, AtlasStore
+from rfcore.store import AtlasStore
 from rfcore.tuning import CRITERIA, measure_responses, phase_summary, rf_centre, tuning_metrics
 
 _SURFACE_DIMS = ("channel", "axis", "contrast", "orientation", "sf")

@@ -10,8 +10,9 @@ import numpy as np
 import zarr
 
 from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, parse_list, register
+from rfcore.atlas import Atlas
 from rfcore.models import get_model
-from rfcore.store import Atlas, AtlasStore
+from rfcore.store import AtlasStore
 from rfcore.virtual import (
     VIRTUAL_ARRAYS,
     default_virtual_layers,

@@ -18,10 +18,11 @@ from PIL import Image
 from flows.analysis import analysis
 from flows.cli import main
 from rfcore.analysis import Section, get_analysis, list_analyses, option_fields, options_config
+from rfcore.atlas import Atlas, verify_store
 from rfcore.errors import ConfigMismatchError
 from rfcore.models import get_model, save_checkpoint
 from rfcore.pipeline import run_sweep
-from rfcore.store import Atlas, AtlasStore, verify_store
+from rfcore.store import AtlasStore
 
 LAYERS = ["conv1", "maxpool", "layer1.0"]
 DEAD = [2, 7, 11]  # conv1 channels forced off, so `inactive` and `noise` have something to find
@@ -34,7 +35,14 @@ FAST: dict[str, dict[str, Any]] = {
     "cluster": {"k_max": 4, "n_init": 1},
     "attribution": {"batch_size": 32},
     "tuning": {"n_orientations": 4, "n_sfs": 3, "n_phases": 4},
-    "revcorr": {"num_images": 64, "batch_size": 32, "max_side": 4, "channels_per_unit": 8, "n_sfs": 3, "n_phases": 3},
+    "revcorr": {
+        "num_images": 64,
+        "batch_size": 32,
+        "max_side": 4,
+        "channels_per_unit": 8,
+        "n_sfs": 3,
+        "n_phases": 3,
+    },
 }
 #: One option whose change must be refused once results exist (None: the analysis stores no config).
 CHANGED: dict[str, dict[str, Any] | None] = {

@@ -11,9 +11,10 @@ import pytest
 
 from flows.atlas import atlas, parse_analyses
 from rfcore.analysis import list_analyses
+from rfcore.atlas import open_atlas
 from rfcore.errors import ConfigMismatchError, RfatlasError, StoreLockedError
 from rfcore.pipeline import run_sweep
-from rfcore.store import AtlasStore, open_atlas
+from rfcore.store import AtlasStore
 from tasks import atlas as T
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "one_thread")

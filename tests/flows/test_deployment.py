@@ -198,8 +198,8 @@ def test_atlas_deployment_on_worker_dask_and_s3(
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
+    from rfcore.atlas import open_atlas
     from rfcore.pipeline import run_sweep
-    from rfcore.store import open_atlas
 
     env, server_log = prefect_server.env, prefect_server.log
 

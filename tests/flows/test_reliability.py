@@ -684,7 +684,7 @@ def test_invalid_analysis_options_leave_the_store_untouched(
 def test_kill9_of_a_cli_run_then_immediate_rerun_resumes(tmp_path: Path) -> None:
     """The real thing: `rfatlas run` (flow, Prefect, Dask workers) is killed with SIGKILL while its
     flow holds the lease, and the same command run at once takes the lease over and resumes."""
-    from rfcore.store import verify_store
+    from rfcore.atlas import verify_store
 
     url = str(tmp_path / "a.zarr")
     cmd = [sys.executable, "-m", "flows.cli", "run", "--model", "resnet10t", "--data", "synthetic:384",

@@ -9,8 +9,8 @@ import pytest
 
 from flows.demo import DEMO, demo, format_findings
 from flows.train import train
+from rfcore.atlas import verify_store
 from rfcore.models import get_model
-from rfcore.store import verify_store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "one_thread")
 

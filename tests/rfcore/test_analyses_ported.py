@@ -12,12 +12,13 @@ import torch
 
 import rfcore.actmax as am
 from rfcore.analysis import run_local
+from rfcore.atlas import Atlas
 from rfcore.data import iter_batches, open_dataset, shard_ranges
 from rfcore.inactive import detect_inactive
 from rfcore.models import get_model, model_meta, save_checkpoint
 from rfcore.noise import CONDITIONS, evaluate
 from rfcore.pipeline import run_sweep
-from rfcore.store import Atlas, AtlasStore
+from rfcore.store import AtlasStore
 from rfcore.virtual import default_virtual_layers, virtual_filter
 
 DEAD = [2, 7, 11]

@@ -15,12 +15,13 @@ import zarr
 from torch import nn
 
 from rfcore.analysis import Unit, get_analysis, options_config
+from rfcore.atlas import open_atlas
 from rfcore.attribution import input_saliency
 from rfcore.data import ImageDataset, open_dataset
 from rfcore.models import get_model, model_meta
 from rfcore.pipeline import crop_patches, layer_geometry, merge_layer, prepare_store, sweep_shard
 from rfcore.receptive import receptive_fields, rf_box
-from rfcore.store import AtlasStore, open_atlas
+from rfcore.store import AtlasStore
 
 
 def load_helpers() -> Any:

@@ -12,8 +12,8 @@ from scipy.cluster.hierarchy import fcluster
 from sklearn.metrics import adjusted_rand_score
 
 from rfcore.analysis import get_analysis
+from rfcore.atlas import open_atlas
 from rfcore.cluster import class_features, class_means, cluster_items, unit_features
-from rfcore.store import open_atlas
 
 
 def load_helpers() -> Any:

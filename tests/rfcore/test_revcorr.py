@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from rfcore.analysis import get_analysis
+from rfcore.atlas import Atlas
 from rfcore.models import get_model, model_meta
 from rfcore.revcorr import (
     BoxSpec,
@@ -22,7 +23,6 @@ from rfcore.revcorr import (
     predicted_surface,
 )
 from rfcore.stimuli import GratingSet, orientations, phases
-from rfcore.store import Atlas
 from rfcore.tuning import preferred
 from tests.rfcore.test_tuning import FakeAssets, gabor, make_atlas, run_analysis
 

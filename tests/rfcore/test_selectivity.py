@@ -13,6 +13,7 @@ import zarr
 
 import rfcore.selectivity
 from rfcore.analysis import AnalysisError, get_analysis
+from rfcore.atlas import open_atlas
 from rfcore.data import open_dataset
 from rfcore.models import default_preprocessing, get_model
 from rfcore.pipeline import merge_layer, prepare_store, run_sweep, sweep_shard
@@ -21,7 +22,6 @@ from rfcore.selectivity import (
     lifetime_sparseness,
     selectivity_index,
 )
-from rfcore.store import open_atlas
 from rfcore.synthetic import SYNTHETIC_CLASSES, grating
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
+from rfcore.atlas import describe_store, open_atlas, verify_store
 from rfcore.errors import ConfigMismatchError, StoreError, StoreLockedError, UnknownLayerError
 from rfcore.schema import (
     PARTIAL_ARRAYS,
@@ -26,7 +27,7 @@ from rfcore.schema import (
     spec,
     sweep_shard_key,
 )
-from rfcore.store import AtlasStore, describe_store, open_atlas, redact, verify_store
+from rfcore.store import AtlasStore, redact
 
 LAYERS = ["conv1", "layer1.0.conv1"]  # dotted names are kept verbatim as group names
 K, N, SHARD, C, P = 3, 10, 4, 5, 7

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rfcore.analysis import AnalysisError, get_analysis
+from rfcore.atlas import Atlas
 from rfcore.errors import ConfigMismatchError
 from rfcore.layers import list_layers
 from rfcore.models import get_model, model_meta
@@ -25,7 +26,7 @@ from rfcore.stimuli import (
     phases,
     render_gratings,
 )
-from rfcore.store import Atlas, AtlasStore
+from rfcore.store import AtlasStore
 from rfcore.tuning import (
     circular_variance,
     measure_responses,

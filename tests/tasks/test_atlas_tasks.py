@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rfcore.atlas import open_atlas
 from rfcore.errors import ConfigMismatchError, StoreError
 from rfcore.pipeline import run_sweep
-from rfcore.store import AtlasStore, open_atlas
+from rfcore.store import AtlasStore
 from tasks import atlas as T
 from tasks import runtime
 
