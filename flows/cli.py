@@ -41,11 +41,21 @@ def _out_url(url: str) -> str:
     return str(Path(url).expanduser().resolve())
 
 
-def _start_prefect(args: argparse.Namespace) -> Any:
+def _start_prefect(args: argparse.Namespace, server: Any = None) -> Any:
+    """The Prefect API for a run (see `flows.runner.prefect_api`); `server`: one `_early_api` started."""
     from flows.runner import prefect_api, quiet_logs
 
     quiet_logs(getattr(args, "verbose", False))
-    return prefect_api()
+    return prefect_api(server)
+
+
+def _early_api(args: argparse.Namespace) -> Any:
+    """Start the temporary Prefect API now, in the background, so it comes up while the inputs are
+    validated (None when `PREFECT_API_URL` is set or a server already runs on this machine)."""
+    from flows.runner import quiet_logs, start_api
+
+    quiet_logs(getattr(args, "verbose", False))
+    return start_api()
 
 
 def _run_with_bar(fn: Any, *fargs: Any, **fkwargs: Any) -> Any:
@@ -62,6 +72,7 @@ def _run_with_bar(fn: Any, *fargs: Any, **fkwargs: Any) -> Any:
 # --- commands ---------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.atlas import check_inputs
+    from flows.progress import mark
     from flows.runner import ADDRESS_ENV, check_dask_address, make_task_runner
     from rfcore.store import redact
 
@@ -72,10 +83,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, analyses=args.analyses, device=args.device, seed=args.seed,
         batch_size=args.batch_size, patch_max=args.patch_max,
     )  # fmt: skip
+    mark("cli_start")
     if args.dask_address:
         check_dask_address(args.dask_address)
     runner = make_task_runner(args.workers, args.dask_address, device=args.device)
-    plan = check_inputs(**params, remote=bool(args.dask_address or os.environ.get(ADDRESS_ENV)))
+    server = _early_api(args)
+    try:
+        plan = check_inputs(**params, remote=bool(args.dask_address or os.environ.get(ADDRESS_ENV)))
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    mark("inputs_checked")
     params["analyses"] = plan["analyses"]
     print(
         f"rfatlas: {args.model} on {args.data}: {plan['num_images']} images, {plan['num_shards']} shard(s), "
@@ -84,8 +103,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     from flows.atlas import atlas
 
-    with _start_prefect(args):
+    with _start_prefect(args, server):
+        mark("api_ready")
         summary = _run_with_bar(atlas.with_options(task_runner=runner), **params)
+        mark("flow_returned")
+    mark("api_stopped")
     print(
         f"swept {summary['images_swept']} images ({summary['images_resumed']} resumed) into {summary['store_url']} "
         f"in {summary['wall_s']:.1f} s ({summary['images_per_s']:.1f} images/s); "

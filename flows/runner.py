@@ -196,29 +196,175 @@ def quiet_logs(verbose: bool = False) -> None:
     os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "error")
 
 
+def _healthy(api_url: str, timeout: float = 0.5) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as r:
+            return bool(r.status == 200)
+    except Exception:
+        return False
+
+
+def running_api() -> str | None:
+    """The API of a Prefect server already running on this machine at the configured host and port
+    (`prefect server start`: 127.0.0.1:4200 by default), or None. One quick local request."""
+    host = os.environ.get("PREFECT_SERVER_API_HOST", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    port = os.environ.get("PREFECT_SERVER_API_PORT", "4200")
+    url = f"http://{host}:{port}/api"
+    return url if _healthy(url, timeout=0.3) else None
+
+
+class TemporaryAPI:
+    """A temporary local Prefect API server (what Prefect's ephemeral mode starts), started in the
+    background: `start()` returns at once (the server imports while the caller validates inputs),
+    `wait()` blocks until it answers. `stop()` first delivers every queued log and event, then stops
+    it. Built without importing `prefect.server` here (seconds of imports the server does itself)."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.ready = False
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> TemporaryAPI:
+        import importlib.util
+        import socket
+        import subprocess
+        import sys
+
+        from prefect.settings import get_current_settings
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        spec = importlib.util.find_spec("prefect")
+        assert spec is not None and spec.submodule_search_locations
+        app_dir = os.path.dirname(next(iter(spec.submodule_search_locations)))
+        env = {
+            **os.environ,
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        env.pop("PREFECT_API_URL", None)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
+                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "error", "--lifespan", "on",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        return self
+
+    def wait(self, timeout: float = 180.0) -> str:
+        """Block until the server answers (restarting it on another port if its port was taken)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self.ready:
+            assert self.proc is not None
+            code = self.proc.poll()
+            if code == 3:  # uvicorn: port in use (taken since we picked it)
+                self.start()
+                continue
+            if code is not None:
+                raise RuntimeError(f"the temporary Prefect API server exited with code {code}")
+            if _healthy(self.api_url, timeout=1.0):
+                self.ready = True
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("timed out waiting for the temporary Prefect API server")
+            time.sleep(0.05)
+        return self.api_url
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is None:
+            return
+        if self.ready:
+            drain_prefect_services()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        self.ready = False
+
+
+def drain_prefect_services(timeout: float = 10.0) -> None:
+    """Send every log and event this process has queued for the API, and stop their workers (so
+    nothing is left to ship, and nothing waits, at interpreter exit)."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=timeout)
+    with contextlib.suppress(Exception):
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=timeout)
+
+
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str | None]:
-    """Use `PREFECT_API_URL` when set; otherwise start one local (ephemeral) API server for this
-    process and its Dask workers, and stop it afterwards."""
+def prefect_api(server: TemporaryAPI | None = None) -> Iterator[str | None]:
+    """Use `PREFECT_API_URL` when set, else a Prefect server already running on this machine, else
+    a temporary local API server for this process and its Dask workers (`server`, when the caller
+    started one early: `start_api()`), stopped afterwards with every log delivered."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = PREFECT_API_URL.value()
+    url = PREFECT_API_URL.value() or (running_api() if server is None else None)
     if url:
-        yield url
+        old = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            with temporary_settings({PREFECT_API_URL: url}):
+                yield url
+                drain_prefect_services()
+        finally:
+            _restore("PREFECT_API_URL", old)
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start(timeout=180)
-    old = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.api_url
+    server = server or TemporaryAPI().start()
     try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+        api_url = server.wait()
+        old = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = api_url
+        try:
+            with temporary_settings({PREFECT_API_URL: api_url}):
+                yield api_url
+                drain_prefect_services()  # while the server still runs
+        finally:
+            _restore("PREFECT_API_URL", old)
     finally:
-        if old is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = old
-        with contextlib.suppress(Exception):
-            server.stop()
+        server.stop()
+
+
+def start_api() -> TemporaryAPI | None:
+    """Start the temporary API server now, in the background, unless `PREFECT_API_URL` is set or a
+    server already runs here; pass the result to `prefect_api`."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value() or running_api():
+        return None
+    return TemporaryAPI().start()
+
+
+def _restore(key: str, old: str | None) -> None:
+    if old is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = old

@@ -99,6 +99,74 @@ def sweep_shard(
     return out
 
 
+@task(
+    name="sweep-shards",
+    task_run_name="sweep[shards={first:04d}-{last:04d}/{num_shards:04d}]",
+    tags=[GPU_TAG],
+    **TASK_OPTIONS,
+)
+def sweep_shards(
+    store_url: str,
+    shards: list[int],
+    num_shards: int,
+    *,
+    first: int,
+    last: int,
+    model: str,
+    weights: str | None,
+    data: str,
+    image_size: int,
+    resize: int | None,
+    device: str = "auto",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Several shards as one pipeline (`rfcore.pipeline.sweep_shards`: decoding ahead, each shard
+    written while the next computes); each shard still writes its own marker, so resume and retries
+    redo only unmarked shards. Returns one dict per shard (as `sweep_shard`)."""
+    t0 = time.perf_counter()
+    threads = configure_threads_from_env()
+    net = cached_model(model, weights, device, seed)
+    dataset = cached_dataset(data, image_size, resize)
+    load = time.perf_counter() - t0
+    log = task_logger()
+    where = _where()
+
+    def finished(out: dict[str, Any]) -> None:
+        if not out["cached"]:
+            log.info(
+                "shard %d/%d: %d images in %.2f s on %s (%d skipped)",
+                out["shard"], num_shards, out["images"], out["seconds"], where, len(out["skipped"]),
+            )  # fmt: skip
+
+    outs = pipeline.sweep_shards(store_url, shards, model=net, dataset=dataset, device=device, on_shard=finished)
+    for out in outs:
+        out.update(worker=where, load_seconds=load, threads=threads)
+    return outs
+
+
+@task(name="merge-crop", task_run_name="merge-crop[{first}..{last}]", **TASK_OPTIONS)
+def merge_crop(
+    store_url: str,
+    layers: list[str],
+    *,
+    first: str,
+    last: str,
+    data: str,
+    image_size: int,
+    resize: int | None,
+) -> dict[str, Any]:
+    """Merge, then crop, a group of layers in one task: merges run concurrently, crops read each
+    winning image once for all the group's layers."""
+    configure_threads_from_env()
+    t0 = time.perf_counter()
+    merged = pipeline.merge_layers(store_url, layers)
+    t1 = time.perf_counter()
+    cropped = pipeline.crop_layers(store_url, layers, dataset=cached_dataset(data, image_size, resize))
+    t2 = time.perf_counter()
+    task_logger().info("merged %d layers in %.2f s, cropped them in %.2f s", len(layers), t1 - t0, t2 - t1)
+    return {"layers": layers, "merge_seconds": t1 - t0, "crop_seconds": t2 - t1, "merged": merged, "cropped": cropped}
+
+
 @task(name="merge-layer", task_run_name="merge[layer={layer}]", **TASK_OPTIONS)
 def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
     """Partials of every shard → the layer's final top-k, mean stimulus and stats."""
