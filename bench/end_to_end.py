@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="128,384", help="two dataset sizes (one: fixed cost only)")
     p.add_argument("--repeats", type=int, default=1, help="alternating repetitions (medians)")
     p.add_argument("--bare-batches", type=int, default=3)
+    p.add_argument("--events", action="store_true", help="also print the raw timing events")
     p.add_argument("--verbose-exit", action="store_true", help="also time the exit of a `-v` run")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
@@ -186,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         each = ", ".join(f"{r['wall']:.1f}" for r in runs[n])
         print(f"rfatlas run synthetic:{n}: {walls[n]:.1f} s wall (runs: {each})")
+    if args.events:
+        print("timing events of that run (s after launch):")
+        for ev in last["events"]:
+            print(f"  {ev['t'] - last['launch']:8.2f}  {ev['stage']}  (pid {ev['pid']})")
+        print(f"  {last['exit'] - last['launch']:8.2f}  process exit")
     print(f"stages of the {big}-image run (s):")
     for key, value in rows.items():
         print(f"  {key:<28} {value:8.2f}")

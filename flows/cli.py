@@ -7,6 +7,7 @@ Dask start. Runs use the Prefect API in `PREFECT_API_URL`, or a temporary local 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -41,21 +42,47 @@ def _out_url(url: str) -> str:
     return str(Path(url).expanduser().resolve())
 
 
-def _start_prefect(args: argparse.Namespace, server: Any = None) -> Any:
-    """The Prefect API for a run (see `flows.runner.prefect_api`); `server`: one `_early_api` started."""
+def _start_prefect(args: argparse.Namespace, server: Any = None, url: str | None = None) -> Any:
+    """The Prefect API for a run (see `flows.runner.prefect_api`); `server`, `url`: from `_early_api`."""
     from flows.runner import prefect_api, quiet_logs
 
     quiet_logs(getattr(args, "verbose", False))
-    return prefect_api(server)
+    return prefect_api(server, url)
 
 
-def _early_api(args: argparse.Namespace) -> Any:
-    """Start the temporary Prefect API now, in the background, so it comes up while the inputs are
-    validated (None when `PREFECT_API_URL` is set or a server already runs on this machine)."""
+#: (API URL, server) started by `main` before its imports, for the command that needs it.
+_EARLY: tuple[str, Any] | None = None
+_API_COMMANDS = ("run",)
+
+
+def _early_api(args: argparse.Namespace) -> tuple[str, Any]:
+    """(API URL, server): the temporary Prefect API `main` started before importing anything heavy
+    (or one started now), coming up in the background while the inputs are validated (server None
+    when `PREFECT_API_URL` is set or a server already runs on this machine)."""
+    global _EARLY
     from flows.runner import quiet_logs, start_api
 
     quiet_logs(getattr(args, "verbose", False))
-    return start_api()
+    early, _EARLY = _EARLY, None
+    return early if early is not None else start_api()
+
+
+def _start_api_first(argv: Sequence[str]) -> None:
+    """For `run`: start the temporary API server first thing (its imports then overlap ours)."""
+    global _EARLY
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in _API_COMMANDS or "-h" in argv or "--help" in argv or os.environ.get("PREFECT_API_URL"):
+        return
+    from flows.runner import start_api
+
+    _EARLY = start_api()
+
+
+def _stop_early_api() -> None:
+    global _EARLY
+    early, _EARLY = _EARLY, None
+    if early is not None and early[1] is not None:
+        early[1].stop()
 
 
 def _run_with_bar(fn: Any, *fargs: Any, **fkwargs: Any) -> Any:
@@ -73,7 +100,7 @@ def _run_with_bar(fn: Any, *fargs: Any, **fkwargs: Any) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.atlas import check_inputs
     from flows.progress import mark
-    from flows.runner import ADDRESS_ENV, check_dask_address, make_task_runner
+    from flows.runner import ADDRESS_ENV, check_dask_address, cluster_kwargs, make_task_runner, start_cluster
     from rfcore.store import redact
 
     out = _out_url(args.out)
@@ -86,28 +113,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     mark("cli_start")
     if args.dask_address:
         check_dask_address(args.dask_address)
-    runner = make_task_runner(args.workers, args.dask_address, device=args.device)
-    server = _early_api(args)
+    remote = bool(args.dask_address or os.environ.get(ADDRESS_ENV))
+    if args.dask_address or (args.workers is None and os.environ.get(ADDRESS_ENV)):
+        runner = make_task_runner(args.workers, args.dask_address, device=args.device)
+        remote_runner = True
+    else:
+        remote_runner = False
+        cluster_kwargs(args.workers, device=args.device)  # bad --workers/--device: fail before starting anything
+    # Start-up work in parallel: the temporary API server imports and starts in its own process
+    # while this one validates the inputs (loads the model, opens the store); then the Dask workers
+    # start (and import the tasks) while the server finishes coming up.
+    url, server = _early_api(args)
+    cluster = None
     try:
-        plan = check_inputs(**params, remote=bool(args.dask_address or os.environ.get(ADDRESS_ENV)))
-    except BaseException:
+        plan = check_inputs(**params, remote=remote)
+        mark("inputs_checked")
+        if not remote_runner:
+            cluster = start_cluster(args.workers, device=args.device, api_url=url)
+        params["analyses"] = plan["analyses"]
+        print(
+            f"rfatlas: {args.model} on {args.data}: {plan['num_images']} images, {plan['num_shards']} shard(s), "
+            f"{len(plan['layers'])} layer(s) -> {redact(plan['store_url'])}",
+            file=sys.stderr,
+        )
+        from flows.atlas import atlas
+
+        if cluster is not None:
+            from prefect_dask import DaskTaskRunner
+
+            runner = DaskTaskRunner(address=cluster.wait())
+        with _start_prefect(args, server, url):
+            mark("api_ready")
+            try:
+                summary = _run_with_bar(atlas.with_options(task_runner=runner), **params)
+                mark("flow_returned")
+            finally:
+                if cluster is not None:
+                    cluster.close()  # workers deliver their logs while the API still runs
+                    cluster = None
+                mark("cluster_closed")
+        server = None  # stopped by _start_prefect
+        mark("api_stopped")
+        global _CLEAN_EXIT
+        _CLEAN_EXIT = True
+    finally:  # an error: stop what was started, without waiting for a cluster still starting
+        if cluster is not None:
+            cluster.close(wait=False)
         if server is not None:
             server.stop()
-        raise
-    mark("inputs_checked")
-    params["analyses"] = plan["analyses"]
-    print(
-        f"rfatlas: {args.model} on {args.data}: {plan['num_images']} images, {plan['num_shards']} shard(s), "
-        f"{len(plan['layers'])} layer(s) -> {redact(plan['store_url'])}",
-        file=sys.stderr,
-    )
-    from flows.atlas import atlas
-
-    with _start_prefect(args, server):
-        mark("api_ready")
-        summary = _run_with_bar(atlas.with_options(task_runner=runner), **params)
-        mark("flow_returned")
-    mark("api_stopped")
     print(
         f"swept {summary['images_swept']} images ({summary['images_resumed']} resumed) into {summary['store_url']} "
         f"in {summary['wall_s']:.1f} s ({summary['images_per_s']:.1f} images/s); "
@@ -356,6 +409,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. As the process's entry point (`argv` None), a `run` that has cleaned up
+    after itself (store written, cluster closed, logs delivered, API stopped) exits at once instead
+    of waiting seconds for the interpreter's teardown (torch and thread pools)."""
+    code = _main(argv)
+    if argv is None and _CLEAN_EXIT:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+#: Set by a command once everything it started is stopped and delivered (see `main`).
+_CLEAN_EXIT = False
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -363,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flows.runner import quiet_logs
 
         quiet_logs()
+    _start_api_first(argv)
     from rfcore.errors import RfatlasError
 
     try:
@@ -389,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "-v" in argv or "--verbose" in argv:
             raise
         return _err(f"run failed: {type(e).__name__}: {e}", EXIT_FAILED)
+    finally:
+        _stop_early_api()  # not taken (bad arguments, another command): stop it
 
 
 def _rfatlas_cause(e: BaseException) -> BaseException | None:

@@ -226,6 +226,7 @@ class TemporaryAPI:
         import subprocess
 
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
         self.port = 0
         self.ready = False
 
@@ -239,22 +240,22 @@ class TemporaryAPI:
         import subprocess
         import sys
 
-        from prefect.settings import get_current_settings
-
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
         spec = importlib.util.find_spec("prefect")
         assert spec is not None and spec.submodule_search_locations
         app_dir = os.path.dirname(next(iter(spec.submodule_search_locations)))
-        env = {
+        env = {  # settings come from the environment and the profile, as for this process
             **os.environ,
-            **get_current_settings().to_environment_variables(exclude_unset=True),
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
         }
         env.pop("PREFECT_API_URL", None)
+        import tempfile
+
+        self._log = tempfile.TemporaryFile()  # the server's own output: shown only if it fails
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
@@ -263,6 +264,8 @@ class TemporaryAPI:
             ],
             env=env,
             stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )  # fmt: skip
         return self
 
@@ -278,7 +281,9 @@ class TemporaryAPI:
                 self.start()
                 continue
             if code is not None:
-                raise RuntimeError(f"the temporary Prefect API server exited with code {code}")
+                self._log.seek(0)
+                tail = self._log.read()[-2000:].decode(errors="replace").strip()
+                raise RuntimeError(f"the temporary Prefect API server exited with code {code}: {tail}")
             if _healthy(self.api_url, timeout=1.0):
                 self.ready = True
                 break
@@ -307,7 +312,20 @@ class TemporaryAPI:
 
 def drain_prefect_services(timeout: float = 10.0) -> None:
     """Send every log and event this process has queued for the API, and stop their workers (so
-    nothing is left to ship, and nothing waits, at interpreter exit)."""
+    nothing is left to ship, and nothing waits, at interpreter exit). Safe to call from an event
+    loop's thread (a Dask worker's `client.run`): the draining then runs in a thread of its own."""
+    import asyncio
+    import threading
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        thread = threading.Thread(target=drain_prefect_services, args=(timeout,), daemon=True)
+        thread.start()
+        thread.join(timeout + 1.0)
+        return
     with contextlib.suppress(Exception):
         from prefect.logging.handlers import APILogWorker
 
@@ -319,26 +337,19 @@ def drain_prefect_services(timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def prefect_api(server: TemporaryAPI | None = None) -> Iterator[str | None]:
+def prefect_api(server: TemporaryAPI | None = None, url: str | None = None) -> Iterator[str | None]:
     """Use `PREFECT_API_URL` when set, else a Prefect server already running on this machine, else
-    a temporary local API server for this process and its Dask workers (`server`, when the caller
-    started one early: `start_api()`), stopped afterwards with every log delivered."""
+    a temporary local API server for this process and its Dask workers, stopped afterwards with every
+    log delivered. `server`/`url`: what `start_api()` returned, when the caller started it early."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = PREFECT_API_URL.value() or (running_api() if server is None else None)
-    if url:
-        old = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            with temporary_settings({PREFECT_API_URL: url}):
-                yield url
-                drain_prefect_services()
-        finally:
-            _restore("PREFECT_API_URL", old)
-        return
-    server = server or TemporaryAPI().start()
+    if server is None:
+        url = url or PREFECT_API_URL.value() or running_api()
+        if not url:
+            server = TemporaryAPI().start()
     try:
-        api_url = server.wait()
+        api_url = server.wait() if server is not None else url
+        assert api_url
         old = os.environ.get("PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = api_url
         try:
@@ -348,19 +359,105 @@ def prefect_api(server: TemporaryAPI | None = None) -> Iterator[str | None]:
         finally:
             _restore("PREFECT_API_URL", old)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
-def start_api() -> TemporaryAPI | None:
-    """Start the temporary API server now, in the background, unless `PREFECT_API_URL` is set or a
-    server already runs here; pass the result to `prefect_api`."""
-    if os.environ.get("PREFECT_API_URL"):
-        return None
+def start_api() -> tuple[str, TemporaryAPI | None]:
+    """(API URL, server): `PREFECT_API_URL`, else a server already running here, else a temporary
+    API server started now, in the background (its URL is known at once; it answers after
+    `server.wait()`). Pass both to `prefect_api`."""
+    url = os.environ.get("PREFECT_API_URL") or running_api()
+    if url:
+        return url, None
+    server = TemporaryAPI().start()  # first, before the seconds of importing Prefect's settings
     from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value() or running_api():
-        return None
-    return TemporaryAPI().start()
+    if PREFECT_API_URL.value():  # set in the Prefect profile
+        server.stop()
+        return str(PREFECT_API_URL.value()), None
+    return server.api_url, server
+
+
+class EarlyCluster:
+    """The local Dask cluster of a run, started in a background thread now (its workers import
+    torch, Prefect and the tasks while the caller does other start-up work), and closed fast: the
+    workers' queued Prefect logs and events are delivered first, then the processes stop."""
+
+    def __init__(self, kwargs: dict[str, Any], api_url: str | None) -> None:
+        import threading
+
+        kwargs = dict(kwargs)
+        kwargs["env"] = dict(kwargs.get("env", {}))
+        if api_url:
+            kwargs["env"]["PREFECT_API_URL"] = api_url
+        kwargs.setdefault("preload", ["tasks.atlas"])  # the imports of the first task, done early
+        self._kwargs = kwargs
+        self.cluster: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="rfatlas-cluster-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            kwargs = dict(self._kwargs)
+            if "gpu_ids" in kwargs:
+                self.cluster = LocalGPUCluster(**kwargs)
+            else:
+                self.cluster = LocalCluster(**kwargs)
+        except BaseException as e:
+            self._error = e
+
+    def wait(self, timeout: float = 300.0) -> str:
+        self._thread.join(timeout)
+        if self._error is not None:
+            raise self._error
+        if self.cluster is None:
+            raise RfatlasError("the local Dask cluster did not start in time")
+        return str(self.cluster.scheduler_address)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the cluster; `wait=False` leaves one still starting alone (its worker processes are
+        daemonic: they end with this process)."""
+        self._thread.join(60.0 if wait else 0.0)
+        cluster, self.cluster = self.cluster, None
+        if cluster is None:
+            return
+        with contextlib.suppress(Exception):
+            from distributed import Client
+
+            with Client(cluster, timeout=10, set_as_default=False) as client:
+                client.run(drain_prefect_services, timeout=10)  # logs/events reach the API first
+                client.register_plugin(_ExitOnClose(), name="rfatlas-exit-on-close")
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=10)
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
+except ImportError:  # pragma: no cover
+    _WorkerPlugin = object  # type: ignore[assignment,misc]
+
+
+class _ExitOnClose(_WorkerPlugin):  # type: ignore[misc,valid-type]
+    """Worker plugin: when the worker closes, its process exits at once (`os._exit`), skipping an
+    interpreter teardown (torch, threads) that takes seconds; registered only once every task is
+    done and every log delivered, so nothing is lost."""
+
+    def teardown(self, worker: Any) -> None:
+        import sys
+
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(0)
+
+
+def start_cluster(
+    workers: int | None, *, device: str = "auto", api_url: str | None = None
+) -> EarlyCluster:
+    """`EarlyCluster` of `cluster_kwargs(workers, device=device)` reporting to `api_url`."""
+    return EarlyCluster(cluster_kwargs(workers, device=device), api_url)
 
 
 def _restore(key: str, old: str | None) -> None:
