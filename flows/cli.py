@@ -44,7 +44,7 @@ def _out_url(url: str) -> str:
 
 def _start_prefect(args: argparse.Namespace, server: Any = None, url: str | None = None) -> Any:
     """The Prefect API for a run (see `flows.runner.prefect_api`); `server`, `url`: from `_early_api`."""
-    from flows.runner import prefect_api, quiet_logs
+    from flows.api import prefect_api, quiet_logs
 
     quiet_logs(getattr(args, "verbose", False))
     return prefect_api(server, url)
@@ -60,7 +60,7 @@ def _early_api(args: argparse.Namespace) -> tuple[str, Any]:
     (or one started now), coming up in the background while the inputs are validated (server None
     when `PREFECT_API_URL` is set or a server already runs on this machine)."""
     global _EARLY
-    from flows.runner import quiet_logs, start_api
+    from flows.api import quiet_logs, start_api
 
     quiet_logs(getattr(args, "verbose", False))
     early, _EARLY = _EARLY, None
@@ -73,7 +73,7 @@ def _start_api_first(argv: Sequence[str]) -> None:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in _API_COMMANDS or "-h" in argv or "--help" in argv or os.environ.get("PREFECT_API_URL"):
         return
-    from flows.runner import start_api
+    from flows.api import start_api
 
     _EARLY = start_api()
 
@@ -129,7 +129,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         plan = check_inputs(**params, remote=remote)
         mark("inputs_checked")
         if not remote_runner:
+            from tasks.atlas import warm_worker
+
             cluster = start_cluster(args.workers, device=args.device, api_url=url)
+            cluster.warm(
+                warm_worker, args.model, args.weights, args.device, args.seed, args.data,
+                plan["image_size"], plan["resize"],
+            )  # fmt: skip
         params["analyses"] = plan["analyses"]
         print(
             f"rfatlas: {args.model} on {args.data}: {plan['num_images']} images, {plan['num_shards']} shard(s), "
@@ -430,7 +436,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-v" not in argv and "--verbose" not in argv:
-        from flows.runner import quiet_logs
+        from flows.api import quiet_logs
 
         quiet_logs()
     _start_api_first(argv)

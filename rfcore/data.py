@@ -12,7 +12,7 @@ import difflib
 import multiprocessing
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -525,7 +525,7 @@ def iter_chunk_batches(
     num_workers: int = 0,
     pin_memory: bool = False,
     prefetch: int = 0,
-) -> Iterator[Batch]:
+) -> Generator[Batch, None, None]:
     """One Batch per index chunk, in order (as `iter_batches`, for chunks cut by the caller: e.g. the
     batches of several shards in one stream, so decoding runs ahead across shard boundaries)."""
     chunks = list(chunks)

@@ -472,8 +472,11 @@ def _read_all(arrays: dict[str, Any], threads: int = 8) -> dict[str, np.ndarray]
     """Every array read whole, concurrently (Zarr decodes chunks outside the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def read(array: Any) -> np.ndarray:
+        return np.asarray(array[...])
+
     with ThreadPoolExecutor(max_workers=min(threads, max(1, len(arrays)))) as pool:
-        futures = {key: pool.submit(lambda a=arr: np.asarray(a[...])) for key, arr in arrays.items()}
+        futures = {key: pool.submit(read, arr) for key, arr in arrays.items()}
         return {key: f.result() for key, f in futures.items()}
 
 

@@ -23,6 +23,15 @@ def _where() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def warm_worker(
+    model: str, weights: str | None, device: str, seed: int, data: str, image_size: int, resize: int | None
+) -> None:
+    """Load a run's model and dataset into this worker's caches ahead of its first shard."""
+    configure_threads_from_env()
+    cached_model(model, weights, device, seed)
+    cached_dataset(data, image_size, resize)
+
+
 @task(name="prepare-store", task_run_name="prepare[{model}]", **TASK_OPTIONS)
 def prepare_store(
     store_url: str,
