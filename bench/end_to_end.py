@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -82,14 +83,54 @@ def cli_run(
            "--shard-size", str(args.shard_size), "--batch-size", str(args.batch_size), "--device", args.device,
            "--workers", str(args.workers)]  # fmt: skip
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples: list[tuple[float, dict[str, float]]] = []
+    sampler = threading.Thread(target=_sample_cpu, args=(proc, samples), daemon=True)
+    sampler.start()
+    _, stderr = proc.communicate()
     t1 = time.time()
+    sampler.join(2.0)
     if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
+        print(stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"rfatlas run failed ({proc.returncode}): {' '.join(cmd)}")
     events = [json.loads(line) for line in timing.read_text().splitlines()] if timing.exists() else []
     shutil.rmtree(out, ignore_errors=True)
-    return {"n": n, "wall": t1 - t0, "launch": t0, "exit": t1, "events": events}
+    return {"n": n, "wall": t1 - t0, "launch": t0, "exit": t1, "events": events, "cpu": samples}
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _sample_cpu(proc: subprocess.Popen[str], out: list[tuple[float, dict[str, float]]]) -> None:
+    """CPU seconds of the CLI process ("flow") and of its API server child ("api"), twice a second
+    (Linux /proc; nothing elsewhere)."""
+    if not os.path.exists("/proc/self/stat"):
+        return
+    while proc.poll() is None:
+        row: dict[str, float] = {}
+        try:
+            row["flow"] = _cpu_seconds(proc.pid)
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+            for kid in kids:
+                with open(f"/proc/{kid}/cmdline", "rb") as f:
+                    if b"uvicorn" in f.read():
+                        row["api"] = _cpu_seconds(kid)
+        except (OSError, ValueError, IndexError):
+            pass
+        out.append((time.time(), row))
+        time.sleep(0.5)
+
+
+def _cpu_share(run: dict[str, Any], start: float, end: float, key: str) -> float:
+    """Average share of one core used by `key` between wall-clock times `start` and `end`."""
+    pts = [(t, row[key]) for t, row in run.get("cpu", []) if key in row and start <= t <= end]
+    if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
+        return float("nan")
+    return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
 
 
 def breakdown(run: dict[str, Any], bare_ips: float, workers: int) -> dict[str, float]:
@@ -124,6 +165,8 @@ def breakdown(run: dict[str, Any], bare_ips: float, workers: int) -> dict[str, f
         "  writes (background)": stages.get("write", float("nan")),
         "  writes on critical path": stages.get("write_wait", float("nan")),
         "  orchestration": sweep - in_tasks / max(1, workers),
+        "  flow process, % of a core": 100 * _cpu_share(run, t.get("sweep_start", 0), t.get("sweep_end", 0), "flow"),
+        "  API server, % of a core": 100 * _cpu_share(run, t.get("sweep_start", 0), t.get("sweep_end", 0), "api"),
         "merge + crop": span("sweep_end", "merge_end"),
         "flow end (summary)": span("merge_end", "flow_end"),
         "exit: after flow end": end - t["flow_end"] if "flow_end" in t else float("nan"),

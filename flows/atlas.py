@@ -10,8 +10,10 @@ the same store refuses (`StoreLockedError`); the lease expires if this process d
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -215,12 +217,27 @@ def atlas(
         # Every shard is submitted: finished ones return at once (cached) with their skipped images,
         # so a resumed run still records the skipped files of shards an earlier run swept. Shards go
         # in contiguous groups, one task each (a pipeline on the worker: decoding ahead, each shard
-        # written while the next computes, one marker per shard), about 4 tasks per worker.
+        # written while the next computes, one marker per shard), about 2 tasks per worker; each
+        # finished shard is announced as a Dask event, so progress still moves shard by shard.
         workers = _worker_count(_current_runner())
         groups = _shard_groups(pending, workers) + _shard_groups([s for s in range(n) if s not in pending], 1)
+        reported: set[int] = set()
+        lock = threading.Lock()
+
+        def shard_done(shard: int) -> None:  # from the progress thread or this one, once per shard
+            with lock:
+                if shard in reported:
+                    return
+                reported.add(shard)
+                progress.update(sizes[shard], shard=shard)
+
+        topic, stop_progress = _progress_events(_current_runner(), shard_done)
         with gpu_tasks(device):
             futures = [
-                T.sweep_shards.submit(store_url, g, n, first=g[0], last=g[-1], **common) for g in groups
+                T.sweep_shards.submit(
+                    store_url, g, n, first=g[0], last=g[-1], progress_topic=topic, **common
+                )
+                for g in groups
             ]
         mark("sweep_submitted", tasks=len(futures))
         failed: list[BaseException] = []
@@ -244,7 +261,8 @@ def atlas(
                     compute_s += out["seconds"]
                     for key, value in out.get("timings", {}).items():
                         stages[key] = stages.get(key, 0.0) + float(value)
-                    progress.update(sizes[out["shard"]], shard=out["shard"])
+                    shard_done(int(out["shard"]))
+        stop_progress()
         sweep_wall = time.perf_counter() - t_sweep
         mark("sweep_end", images=swept)
         if failed:
@@ -318,8 +336,52 @@ def atlas(
     return summary
 
 
-def _shard_groups(shards: list[int], workers: int, per_worker: int = 4) -> list[list[int]]:
-    """`shards` cut into contiguous runs, about `per_worker` runs per worker (at least one shard each)."""
+def _progress_events(runner: Any, on_shard: Any) -> tuple[str | None, Any]:
+    """Per-shard progress from the workers: (Dask event topic the sweep tasks announce finished
+    shards on, stop function). A thread of this flow calls `on_shard(shard)` as events arrive (a
+    blocking queue, no polling). (None, no-op) when the tasks do not run on Dask."""
+    try:
+        from prefect_dask import DaskTaskRunner
+
+        if not isinstance(runner, DaskTaskRunner):
+            return None, lambda: None
+        client = runner.client
+    except Exception:
+        return None, lambda: None
+    import queue
+    import uuid
+
+    topic = f"rfatlas-progress-{uuid.uuid4().hex}"
+    events: queue.Queue[int | None] = queue.Queue()
+
+    def handler(event: Any) -> None:  # on the Dask client's event loop: hand over, return at once
+        with contextlib.suppress(Exception):
+            events.put(int(event[1]["shard"]))
+
+    def consume() -> None:
+        while (shard := events.get()) is not None:
+            with contextlib.suppress(Exception):
+                on_shard(shard)
+
+    try:
+        client.subscribe_topic(topic, handler)
+    except Exception:
+        return None, lambda: None
+    thread = threading.Thread(target=consume, name="rfatlas-progress", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        with contextlib.suppress(Exception):
+            client.unsubscribe_topic(topic)
+        events.put(None)
+        thread.join(5.0)
+
+    return topic, stop
+
+
+def _shard_groups(shards: list[int], workers: int, per_worker: int = 2) -> list[list[int]]:
+    """`shards` cut into contiguous runs, about `per_worker` runs per worker (at least one shard
+    each): long pipelines (each shard written while the next computes), some load balancing."""
     if not shards:
         return []
     size = max(1, -(-len(shards) // (per_worker * max(1, workers))))

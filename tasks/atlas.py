@@ -6,6 +6,7 @@ into the store's own chunks, then its completion marker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -21,6 +22,16 @@ from tasks.runtime import cached_dataset, cached_model, configure_threads_from_e
 
 def _where() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dask_worker() -> Any:
+    """The Dask worker running this task, or None."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
 
 
 def warm_worker(
@@ -128,10 +139,13 @@ def sweep_shards(
     resize: int | None,
     device: str = "auto",
     seed: int = 0,
+    progress_topic: str | None = None,
 ) -> list[dict[str, Any]]:
     """Several shards as one pipeline (`rfcore.pipeline.sweep_shards`: decoding ahead, each shard
     written while the next computes); each shard still writes its own marker, so resume and retries
-    redo only unmarked shards. Returns one dict per shard (as `sweep_shard`)."""
+    redo only unmarked shards. On a Dask worker, each finished shard is also announced as a Dask
+    event `{shard, images}` on `progress_topic` (the flow's progress bar and artifact, per shard).
+    Returns one dict per shard (as `sweep_shard`)."""
     t0 = time.perf_counter()
     threads = configure_threads_from_env()
     net = cached_model(model, weights, device, seed)
@@ -139,8 +153,12 @@ def sweep_shards(
     load = time.perf_counter() - t0
     log = task_logger()
     where = _where()
+    worker = _dask_worker() if progress_topic else None
 
     def finished(out: dict[str, Any]) -> None:
+        if worker is not None and not out["cached"]:
+            with contextlib.suppress(Exception):  # progress is best effort
+                worker.log_event(progress_topic, {"shard": int(out["shard"]), "images": int(out["images"])})
         if not out["cached"]:
             log.info(
                 "shard %d/%d: %d images in %.2f s on %s (%d skipped)",
