@@ -209,6 +209,11 @@ class EarlyCluster:
         if api_url:
             kwargs["env"]["PREFECT_API_URL"] = api_url
         kwargs.setdefault("preload", ["tasks.atlas"])  # the imports of the first task, done early
+        # Workers exit at once on close (`_ExitOnClose`), leaving their nanny's queue semaphore to
+        # the OS: keep multiprocessing's resource tracker (started with the cluster) from warning.
+        quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+        if quiet not in os.environ.get("PYTHONWARNINGS", ""):
+            os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
         self._kwargs = kwargs
         self._warm: tuple[Any, tuple[Any, ...]] | None = None
         self._warmed = threading.Event()
