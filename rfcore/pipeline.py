@@ -9,6 +9,7 @@ reducer states (`partial/*`, one row per shard) gives the same bits as a single 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -207,7 +208,10 @@ class _ShardWriter:
                 f.result()
             self.store.mark_done(sweep_shard_key(shard_id))
             self.seconds += time.perf_counter() - t0
-            done()
+            try:
+                done()
+            except Exception:  # a progress callback never fails a written shard
+                logging.getLogger("rfatlas.pipeline").warning("shard %d: progress callback failed", shard_id)
 
         fut = self._serial.submit(write)
         self._pending.append(fut)
