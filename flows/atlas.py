@@ -10,7 +10,9 @@ the same store refuses (`StoreLockedError`); the lease expires if this process d
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +26,7 @@ from flows.analysis import analysis
 from flows.failures import TaskFailedError
 from flows.lease import hold_lease, lease_owner
 from flows.monitoring import record_flow_run
-from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration
+from flows.progress import ProgressEvent, SweepProgress, emit, fmt_duration, mark
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
 from rfcore.analysis import get_analysis, list_analyses, option_fields, options_config, parse_list
 from rfcore.data import SkippedImage, check_run_labels
@@ -199,6 +201,7 @@ def atlas(
     Returns a small summary (images, layers, channels, wall time, throughput, store URL)."""
     log = get_run_logger()
     t0 = time.perf_counter()
+    mark("flow_start")
     names = parse_analyses(analyses)
     options = resolve_options(names[1:], analysis_options, seed)
     check_device(device, here=not _external_cluster(_current_runner()))
@@ -234,54 +237,82 @@ def atlas(
             resize=plan["resize"], device=device, seed=seed,
         )  # fmt: skip
         t_sweep = time.perf_counter()
+        mark("sweep_start")
         # Every shard is submitted: finished ones return at once (cached) with their skipped images,
-        # so a resumed run still records the skipped files of shards an earlier run swept.
-        order = pending + [s for s in range(n) if s not in pending]
+        # so a resumed run still records the skipped files of shards an earlier run swept. Shards go
+        # in contiguous groups, one task each (a pipeline on the worker: decoding ahead, each shard
+        # written while the next computes, one marker per shard), about 2 tasks per worker; each
+        # finished shard is announced as a Dask event, so progress still moves shard by shard.
+        workers = _worker_count(_current_runner())
+        groups = _shard_groups(pending, workers) + _shard_groups([s for s in range(n) if s not in pending], 1)
+        reported: set[int] = set()
+        lock = threading.Lock()
+
+        def shard_done(shard: int) -> None:  # from the progress thread or this one, once per shard
+            with lock:
+                if shard in reported:
+                    return
+                reported.add(shard)
+                progress.update(sizes[shard], shard=shard)
+
+        topic, stop_progress = _progress_events(_current_runner(), shard_done)
         with gpu_tasks(device):
-            futures = [T.sweep_shard.submit(store_url, s, n, **common) for s in order]
+            futures = [
+                T.sweep_shards.submit(store_url, g, n, first=g[0], last=g[-1], progress_topic=topic, **common)
+                for g in groups
+            ]
+        mark("sweep_submitted", tasks=len(futures))
         failed: list[BaseException] = []
         swept = 0
         compute_s = 0.0
+        stages: dict[str, float] = {}
         shard_results: list[dict[str, Any]] = []
         skipped: dict[int, SkippedImage] = {}
         for fut in as_completed(futures):
             try:
-                out = fut.result()
+                outs = fut.result()
             except Exception as e:
                 failed.append(e)
                 continue
-            shard_results.append({k_: out[k_] for k_ in ("shard", "images", "seconds", "cached", "worker")})
-            for sk in out["skipped"]:
-                skipped[int(sk["index"])] = SkippedImage(int(sk["index"]), str(sk["path"]), str(sk["reason"]))
-            if not out["cached"]:
-                swept += out["images"]
-                compute_s += out["seconds"]
-                progress.update(sizes[out["shard"]], shard=out["shard"])
+            for out in outs:
+                shard_results.append(
+                    {k_: out[k_] for k_ in ("shard", "images", "seconds", "cached", "worker")}
+                )
+                for sk in out["skipped"]:
+                    skipped[int(sk["index"])] = SkippedImage(
+                        int(sk["index"]), str(sk["path"]), str(sk["reason"])
+                    )
+                if not out["cached"]:
+                    swept += out["images"]
+                    compute_s += out["seconds"]
+                    for key, value in out.get("timings", {}).items():
+                        stages[key] = stages.get(key, 0.0) + float(value)
+                    shard_done(int(out["shard"]))
+        stop_progress()
         sweep_wall = time.perf_counter() - t_sweep
+        mark("sweep_end", images=swept)
         if failed:
             bad_input = [e for e in failed if isinstance(e, RfatlasError)]
             if bad_input:
                 raise bad_input[0]
             raise TaskFailedError(
-                f"{len(failed)} of {len(futures)} shard(s) failed (rerun to resume; finished shards are kept): "
+                f"{len(failed)} of {len(futures)} shard task(s) failed (rerun to resume; finished shards are kept): "
                 + "; ".join(f"{type(e).__name__}: {e}" for e in failed[:3])
             )
         store.add_skipped([skipped[i] for i in sorted(skipped)])  # one writer: this flow
         emit(ProgressEvent("merge", label, 0, len(plan["layers"]), 0.0, None))
-        merges = {L: T.merge_layer.submit(store_url, L) for L in plan["layers"]}
-        crops = [
-            T.crop_patches.submit(
-                store_url,
-                L,
-                data=data,
-                image_size=plan["image_size"],
-                resize=plan["resize"],
-                wait_for=[merges[L]],
-            )
-            for L in plan["layers"]
+        t_merge = time.perf_counter()
+        # Merge and crop in one task per group of layers (as many groups as workers): merges of a
+        # group run concurrently, its crops read each winning image once for all its layers.
+        crop_data = dict(data=data, image_size=plan["image_size"], resize=plan["resize"])
+        merge_futures = [
+            T.merge_crop.submit(store_url, group, first=group[0], last=group[-1], **crop_data)
+            for group in _layer_groups(plan["layers"], workers)
         ]
-        for c in crops:
-            c.result()
+        for f in merge_futures:
+            f.result()
+        merge_wall = time.perf_counter() - t_merge
+        mark("merge_end")
         channels = 0
         for L in plan["layers"]:
             channels += int(store.layer_group(L).attrs["channels"])
@@ -313,6 +344,8 @@ def atlas(
         "wall_s": wall,
         "sweep_wall_s": sweep_wall,
         "shard_compute_s": compute_s,
+        "merge_crop_wall_s": merge_wall,
+        "stages": stages,
         "images_per_s": swept / sweep_wall if sweep_wall > 0 and swept else 0.0,
     }
     try:
@@ -323,7 +356,84 @@ def atlas(
         log.warning("could not write the summary artifact: %s", type(e).__name__)
     emit(ProgressEvent("done", label, total, total, summary["images_per_s"], 0.0, {"summary": summary}))
     log.info("%s: done in %.1f s, %s", label, wall, safe_url)
+    mark("flow_end", summary=summary)
     return summary
+
+
+def _progress_events(runner: Any, on_shard: Any) -> tuple[str | None, Any]:
+    """Per-shard progress from the workers: (Dask event topic the sweep tasks announce finished
+    shards on, stop function). A thread of this flow calls `on_shard(shard)` as events arrive (a
+    blocking queue, no polling). (None, no-op) when the tasks do not run on Dask."""
+    try:
+        from prefect_dask import DaskTaskRunner
+
+        if not isinstance(runner, DaskTaskRunner):
+            return None, lambda: None
+        client = runner.client
+    except Exception:
+        return None, lambda: None
+    import queue
+    import uuid
+
+    topic = f"rfatlas-progress-{uuid.uuid4().hex}"
+    events: queue.Queue[int | None] = queue.Queue()
+
+    def handler(event: Any) -> None:  # on the Dask client's event loop: hand over, return at once
+        with contextlib.suppress(Exception):
+            events.put(int(event[1]["shard"]))
+
+    def consume() -> None:
+        while (shard := events.get()) is not None:
+            with contextlib.suppress(Exception):
+                on_shard(shard)
+
+    try:
+        client.subscribe_topic(topic, handler)
+    except Exception:
+        return None, lambda: None
+    thread = threading.Thread(target=consume, name="rfatlas-progress", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        with contextlib.suppress(Exception):
+            client.unsubscribe_topic(topic)
+        events.put(None)
+        thread.join(5.0)
+
+    return topic, stop
+
+
+def _shard_groups(shards: list[int], workers: int, per_worker: int = 2) -> list[list[int]]:
+    """`shards` cut into contiguous runs, about `per_worker` runs per worker (at least one shard
+    each): long pipelines (each shard written while the next computes), some load balancing."""
+    if not shards:
+        return []
+    size = max(1, -(-len(shards) // (per_worker * max(1, workers))))
+    groups: list[list[int]] = []
+    for s in shards:
+        if groups and len(groups[-1]) < size and groups[-1][-1] == s - 1:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _layer_groups(layers: list[str], workers: int) -> list[list[str]]:
+    """Layers dealt round-robin into `workers` groups (none empty), each group in layer order."""
+    n = max(1, min(workers, len(layers)))
+    return [layers[i::n] for i in range(n) if layers[i::n]]
+
+
+def _worker_count(runner: Any) -> int:
+    """Dask workers of the flow's cluster (1 when unknown)."""
+    try:
+        from prefect_dask import DaskTaskRunner
+
+        if isinstance(runner, DaskTaskRunner):
+            return max(1, len(runner.client.scheduler_info().get("workers", {})))
+    except Exception:
+        pass
+    return 1
 
 
 def _current_runner() -> Any:

@@ -7,6 +7,7 @@ Dask start. Runs use the Prefect API in `PREFECT_API_URL`, or a temporary local 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -41,11 +42,47 @@ def _out_url(url: str) -> str:
     return str(Path(url).expanduser().resolve())
 
 
-def _start_prefect(args: argparse.Namespace) -> Any:
-    from flows.runner import prefect_api, quiet_logs
+def _start_prefect(args: argparse.Namespace, server: Any = None, url: str | None = None) -> Any:
+    """The Prefect API for a run (see `flows.runner.prefect_api`); `server`, `url`: from `_early_api`."""
+    from flows.api import prefect_api, quiet_logs
 
     quiet_logs(getattr(args, "verbose", False))
-    return prefect_api()
+    return prefect_api(server, url)
+
+
+#: (API URL, server) started by `main` before its imports, for the command that needs it.
+_EARLY: tuple[str, Any] | None = None
+_API_COMMANDS = ("run",)
+
+
+def _early_api(args: argparse.Namespace) -> tuple[str, Any]:
+    """(API URL, server): the temporary Prefect API `main` started before importing anything heavy
+    (or one started now), coming up in the background while the inputs are validated (server None
+    when `PREFECT_API_URL` is set or a server already runs on this machine)."""
+    global _EARLY
+    from flows.api import quiet_logs, start_api
+
+    quiet_logs(getattr(args, "verbose", False))
+    early, _EARLY = _EARLY, None
+    return early if early is not None else start_api()
+
+
+def _start_api_first(argv: Sequence[str]) -> None:
+    """For `run`: start the temporary API server first thing (its imports then overlap ours)."""
+    global _EARLY
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in _API_COMMANDS or "-h" in argv or "--help" in argv or os.environ.get("PREFECT_API_URL"):
+        return
+    from flows.api import start_api
+
+    _EARLY = start_api()
+
+
+def _stop_early_api() -> None:
+    global _EARLY
+    early, _EARLY = _EARLY, None
+    if early is not None and early[1] is not None:
+        early[1].stop()
 
 
 def _run_with_bar(fn: Any, *fargs: Any, **fkwargs: Any) -> Any:
@@ -62,7 +99,8 @@ def _run_with_bar(fn: Any, *fargs: Any, **fkwargs: Any) -> Any:
 # --- commands ---------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.atlas import check_inputs
-    from flows.runner import ADDRESS_ENV, check_dask_address, make_task_runner
+    from flows.progress import mark
+    from flows.runner import ADDRESS_ENV, check_dask_address, cluster_kwargs, make_task_runner, start_cluster
     from rfcore.urls import redact
 
     out = _out_url(args.out)
@@ -72,24 +110,67 @@ def cmd_run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, analyses=args.analyses, device=args.device, seed=args.seed,
         batch_size=args.batch_size, patch_max=args.patch_max,
     )  # fmt: skip
+    mark("cli_start")
     options = parse_option_args(args.option)
     if args.dask_address:
         check_dask_address(args.dask_address)
-    runner = make_task_runner(args.workers, args.dask_address, device=args.device)
-    plan = check_inputs(
-        **params, options=options, remote=bool(args.dask_address or os.environ.get(ADDRESS_ENV))
-    )
-    params["analyses"] = plan["analyses"]
-    params["analysis_options"] = options
-    print(
-        f"rfatlas: {args.model} on {args.data}: {plan['num_images']} images, {plan['num_shards']} shard(s), "
-        f"{len(plan['layers'])} layer(s) -> {redact(plan['store_url'])}",
-        file=sys.stderr,
-    )
-    from flows.atlas import atlas
+    remote = bool(args.dask_address or os.environ.get(ADDRESS_ENV))
+    if args.dask_address or (args.workers is None and os.environ.get(ADDRESS_ENV)):
+        runner = make_task_runner(args.workers, args.dask_address, device=args.device)
+        remote_runner = True
+    else:
+        remote_runner = False
+        cluster_kwargs(
+            args.workers, device=args.device
+        )  # bad --workers/--device: fail before starting anything
+    # Start-up work in parallel: the temporary API server imports and starts in its own process
+    # while this one validates the inputs (loads the model, opens the store); then the Dask workers
+    # start (and import the tasks) while the server finishes coming up.
+    url, server = _early_api(args)
+    cluster = None
+    try:
+        plan = check_inputs(**params, options=options, remote=remote)
+        mark("inputs_checked")
+        if not remote_runner:
+            from tasks.atlas import warm_worker
 
-    with _start_prefect(args):
-        summary = _run_with_bar(atlas.with_options(task_runner=runner), **params)
+            cluster = start_cluster(args.workers, device=args.device, api_url=url)
+            cluster.warm(
+                warm_worker, args.model, args.weights, args.device, args.seed, args.data,
+                plan["image_size"], plan["resize"],
+            )  # fmt: skip
+        params["analyses"] = plan["analyses"]
+        params["analysis_options"] = options
+        print(
+            f"rfatlas: {args.model} on {args.data}: {plan['num_images']} images, {plan['num_shards']} shard(s), "
+            f"{len(plan['layers'])} layer(s) -> {redact(plan['store_url'])}",
+            file=sys.stderr,
+        )
+        from flows.atlas import atlas
+
+        if cluster is not None:
+            from prefect_dask import DaskTaskRunner
+
+            runner = DaskTaskRunner(address=cluster.wait())
+        with _start_prefect(args, server, url):
+            mark("api_ready")
+            try:
+                summary = _run_with_bar(atlas.with_options(task_runner=runner), **params)
+                mark("flow_returned")
+            finally:
+                if cluster is not None:
+                    cluster.close()  # workers deliver their logs while the API still runs
+                    cluster = None
+                mark("cluster_closed")
+        server = None  # stopped by _start_prefect
+        mark("api_stopped")
+        global _CLEAN_EXIT
+        _CLEAN_EXIT = True
+    finally:  # an error: stop what was started, without waiting for a cluster still starting
+        if cluster is not None:
+            cluster.close(wait=False)
+        if server is not None:
+            server.stop()
     print(
         f"swept {summary['images_swept']} images ({summary['images_resumed']} resumed) into {summary['store_url']} "
         f"in {summary['wall_s']:.1f} s ({summary['images_per_s']:.1f} images/s); "
@@ -410,13 +491,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. As the process's entry point (`argv` None), a `run` that has cleaned up
+    after itself (store written, cluster closed, logs delivered, API stopped) exits at once instead
+    of waiting seconds for the interpreter's teardown (torch and thread pools)."""
+    code = _main(argv)
+    if argv is None and _CLEAN_EXIT:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+#: Set by a command once everything it started is stopped and delivered (see `main`).
+_CLEAN_EXIT = False
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-v" not in argv and "--verbose" not in argv:
-        from flows.runner import quiet_logs
+        from flows.api import quiet_logs
 
         quiet_logs()
+    _start_api_first(argv)
     from rfcore.errors import RfatlasError
 
     try:
@@ -443,6 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "-v" in argv or "--verbose" in argv:
             raise
         return _err(f"run failed: {type(e).__name__}: {e}", EXIT_FAILED)
+    finally:
+        _stop_early_api()  # not taken (bad arguments, another command): stop it
 
 
 def _rfatlas_cause(e: BaseException) -> BaseException | None:

@@ -145,3 +145,22 @@ def terminal_bar(desc: str = "sweep") -> tuple[Listener, Callable[[], None]]:
             close()
 
     return listener, close
+
+
+#: Environment variable naming a file where `mark` appends timing events (bench/end_to_end.py).
+TIMING_ENV = "RFATLAS_TIMING"
+
+
+def mark(stage: str, **info: Any) -> None:
+    """Append `{"stage", "t" (wall clock), "pid", **info}` as one JSON line to the file named by
+    `RFATLAS_TIMING` (nothing when unset): where a run spends its time, across processes."""
+    import os
+
+    path = os.environ.get(TIMING_ENV)
+    if not path:
+        return
+    import json
+
+    line = json.dumps({"stage": stage, "t": time.time(), "pid": os.getpid(), **info}, default=str)
+    with contextlib.suppress(OSError), open(path, "a") as f:
+        f.write(line + "\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
 from distributed import LocalCluster
@@ -187,53 +186,114 @@ def gpu_tasks(device: str) -> contextlib.AbstractContextManager[Any]:
     return dask.annotate(**annotate)
 
 
-def quiet_logs(verbose: bool = False) -> None:
-    """Defaults for CLI runs: the terminal shows warnings only (the CLI draws a progress bar), while
-    flow and task logs still reach the Prefect API at INFO (the UI's Logs tab): only the console
-    handler of Prefect's logging config is raised (`PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL`), not
-    `PREFECT_LOGGING_LEVEL`, which would stop them at the API handler too. Set before Prefect is
-    imported; Dask workers inherit the environment."""
-    if verbose:
-        return
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
-    os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "error")
+from flows.api import (  # noqa: E402,F401  (re-exported: the API helpers used to live here)
+    TemporaryAPI,
+    drain_prefect_services,
+    prefect_api,
+    quiet_logs,
+    running_api,
+    start_api,
+)
 
 
-def _flush_api_logs() -> None:
-    """Send the log records still queued for the Prefect API, and wait for them (best effort)."""
-    with contextlib.suppress(Exception):
-        from prefect.logging.handlers import APILogWorker
+class EarlyCluster:
+    """The local Dask cluster of a run, started in a background thread now (its workers import
+    torch, Prefect and the tasks while the caller does other start-up work), and closed fast: the
+    workers' queued Prefect logs and events are delivered first, then the processes stop."""
 
-        APILogWorker.drain_all(timeout=5)
+    def __init__(self, kwargs: dict[str, Any], api_url: str | None) -> None:
+        import threading
 
+        kwargs = dict(kwargs)
+        kwargs["env"] = dict(kwargs.get("env", {}))
+        if api_url:
+            kwargs["env"]["PREFECT_API_URL"] = api_url
+        kwargs.setdefault("preload", ["tasks.atlas"])  # the imports of the first task, done early
+        # Workers exit at once on close (`_ExitOnClose`), leaving their nanny's queue semaphore to
+        # the OS: keep multiprocessing's resource tracker (started with the cluster) from warning.
+        quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+        if quiet not in os.environ.get("PYTHONWARNINGS", ""):
+            os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
+        self._kwargs = kwargs
+        self._warm: tuple[Any, tuple[Any, ...]] | None = None
+        self._warmed = threading.Event()
+        self.cluster: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="rfatlas-cluster-start", daemon=True)
+        self._thread.start()
 
-@contextlib.contextmanager
-def prefect_api() -> Iterator[str | None]:
-    """Use `PREFECT_API_URL` when set; otherwise start one local (ephemeral) API server for this
-    process and its Dask workers, and stop it afterwards."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    def _start(self) -> None:
+        try:
+            kwargs = dict(self._kwargs)
+            if "gpu_ids" in kwargs:
+                self.cluster = LocalGPUCluster(**kwargs)
+            else:
+                self.cluster = LocalCluster(**kwargs)
+        except BaseException as e:
+            self._error = e
+            return
+        self._warmed.wait()
+        if self._warm is not None:
+            with contextlib.suppress(Exception):  # best effort: the tasks load what they need anyway
+                from distributed import Client
 
-    url = PREFECT_API_URL.value()
-    if url:
-        yield url
-        return
-    from prefect.server.api.server import SubprocessASGIServer
+                fn, args = self._warm
+                with Client(self.cluster, timeout=30, set_as_default=False) as client:
+                    client.run(fn, *args)
 
-    server = SubprocessASGIServer()
-    server.start(timeout=180)
-    old = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            try:
-                yield server.api_url
-            finally:
-                _flush_api_logs()  # while the server still answers: flow and task logs go to the API
-    finally:
-        if old is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = old
+    def warm(self, fn: Any = None, *args: Any) -> None:
+        """Once the cluster is up, run `fn(*args)` on every worker (load the model and dataset into
+        the workers' caches while the API server comes up); `warm()` alone: nothing to warm."""
+        self._warm = (fn, args) if fn is not None else None
+        self._warmed.set()
+
+    def wait(self, timeout: float = 300.0) -> str:
+        self._warmed.set()
+        self._thread.join(timeout)
+        if self._error is not None:
+            raise self._error
+        if self.cluster is None:
+            raise RfatlasError("the local Dask cluster did not start in time")
+        return str(self.cluster.scheduler_address)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the cluster; `wait=False` leaves one still starting alone (its worker processes are
+        daemonic: they end with this process)."""
+        self._warmed.set()
+        self._thread.join(60.0 if wait else 0.0)
+        cluster, self.cluster = self.cluster, None
+        if cluster is None:
+            return
         with contextlib.suppress(Exception):
-            server.stop()
+            from distributed import Client
+
+            with Client(cluster, timeout=10, set_as_default=False) as client:
+                client.run(drain_prefect_services, timeout=10)  # logs/events reach the API first
+                client.register_plugin(_ExitOnClose(), name="rfatlas-exit-on-close")
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=10)
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
+except ImportError:  # pragma: no cover
+    _WorkerPlugin = object  # type: ignore[assignment,misc]
+
+
+class _ExitOnClose(_WorkerPlugin):  # type: ignore[misc,valid-type]
+    """Worker plugin: when the worker closes, its process exits at once (`os._exit`), skipping an
+    interpreter teardown (torch, threads) that takes seconds; registered only once every task is
+    done and every log delivered, so nothing is lost."""
+
+    def teardown(self, worker: Any) -> None:
+        import sys
+
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(0)
+
+
+def start_cluster(workers: int | None, *, device: str = "auto", api_url: str | None = None) -> EarlyCluster:
+    """`EarlyCluster` of `cluster_kwargs(workers, device=device)` reporting to `api_url`."""
+    return EarlyCluster(cluster_kwargs(workers, device=device), api_url)

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import posixpath
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -607,16 +607,41 @@ def iter_batches(
     *,
     num_workers: int = 0,
     pin_memory: bool = False,
+    prefetch: int = 0,
 ) -> Iterator[Batch]:
     """Batches of consecutive ``batch_size``-index chunks of ``indices``, in order.
 
     Unreadable images are left out of their chunk's batch (which may then be empty) and listed in
     ``Batch.skipped``, so batch composition depends only on ``indices`` and ``batch_size``. With
-    ``num_workers > 0`` a DataLoader decodes ahead in worker processes; ``pin_memory`` applies with CUDA.
+    ``num_workers > 0`` a DataLoader decodes ahead in worker processes; with ``num_workers == 0`` and
+    ``prefetch > 0`` one background thread decodes up to ``prefetch`` batches ahead (decoding, NumPy and
+    PIL release the GIL, so it overlaps the forward pass); ``pin_memory`` applies with CUDA.
     """
-    chunks = _index_chunks(indices, batch_size)
+    yield from iter_chunk_batches(
+        ds,
+        _index_chunks(indices, batch_size),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch=prefetch,
+    )
+
+
+def iter_chunk_batches(
+    ds: ImageDataset,
+    chunks: Sequence[range],
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    prefetch: int = 0,
+) -> Generator[Batch, None, None]:
+    """One Batch per index chunk, in order (as `iter_batches`, for chunks cut by the caller: e.g. the
+    batches of several shards in one stream, so decoding runs ahead across shard boundaries)."""
+    chunks = list(chunks)
     pin = pin_memory and torch.cuda.is_available()
     items, collate = _Items(ds), _Collate(ds.size)
+    if num_workers == 0 and prefetch > 0 and len(chunks) > 1:
+        yield from _prefetched(chunks, items, collate, pin, prefetch)
+        return
     if num_workers > 0:
         loader = DataLoader(
             items,
@@ -631,6 +656,53 @@ def iter_batches(
     for chunk in chunks:
         batch = collate([items[i] for i in chunk])
         yield batch.pin_memory() if pin else batch
+
+
+def _prefetched(
+    chunks: list[range], items: _Items, collate: _Collate, pin: bool, depth: int
+) -> Iterator[Batch]:
+    """Batches of `chunks` made by one daemon thread, at most `depth` ahead; errors re-raised here,
+    in order. Stops the thread when the consumer stops early."""
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                batch = collate([items[i] for i in chunk])
+                if not put(("batch", batch.pin_memory() if pin else batch)):
+                    return
+        except BaseException as e:  # handed to the consumer
+            put(("error", e))
+            return
+        put(("end", None))
+
+    thread = threading.Thread(target=produce, name="rfatlas-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "batch":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)
 
 
 # ---------------------------------------------------------------------------------------------- ingest

@@ -9,8 +9,10 @@ reducer states (`partial/*`, one row per shard) gives the same bits as a single 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,8 +24,9 @@ from rfcore.data import (
     BadImageError,
     ImageDataset,
     SkippedImage,
+    _index_chunks,
     check_data_matches,
-    iter_batches,
+    iter_chunk_batches,
     open_dataset,
     shard_ranges,
 )
@@ -32,7 +35,7 @@ from rfcore.models import check_model_matches, get_model, model_meta
 from rfcore.precision import amp_mode
 from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
-from rfcore.store import AtlasStore
+from rfcore.store import AtlasStore, lease_tokens
 from rfcore.sweep import (
     STATE_KEYS,
     LayerReducer,
@@ -164,26 +167,23 @@ def layer_geometry(store: AtlasStore, layer: str) -> tuple[PatchGeometry, int, t
     return geo, attrs.channels, attrs.shape
 
 
-def _partial_arrays(store: AtlasStore, layer: str, geo: PatchGeometry, channels: int) -> dict[str, Any]:
-    n, k, p = store.num_shards, int(store.run["config"]["k"]), geo.size
-    shapes = {
-        "topk_value": (n, channels, k),
-        "topk_image": (n, channels, k),
-        "topk_y": (n, channels, k),
-        "topk_x": (n, channels, k),
-        "stimulus_sum": (n, channels, 3, p, p),
-        "positive_count": (n, channels),
-        "max": (n, channels),
-        "sum_fixed": (n, channels),
-        "zero_count": (n, channels),
-        "position_count": (n,),
-        "pixel_count": (n, channels, p, p),
-        "centre_sum": (n, channels, 3, p, p),
-        "centre_count": (n, channels),
-        "centre_pixel_count": (n, channels, p, p),
-    }
+def _partial_shapes(geo: PatchGeometry, channels: int, k: int) -> dict[str, tuple[int, ...]]:
+    """Shape of one shard's row of each `partial/*` array: the reducer state's own shapes."""
+    return {key: tuple(v.shape) for key, v in LayerReducer(channels, geo, k=k).state_dict().items()}
+
+
+def _partial_arrays(
+    store: AtlasStore,
+    layer: str,
+    geo: PatchGeometry,
+    channels: int,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> dict[str, Any]:
+    n, k = store.num_shards, int(store.run["config"]["k"])
+    if shapes is None:
+        shapes = _partial_shapes(geo, channels, k)
     return {
-        key: store.require_array(spec(f"partial/{key}"), shape, (1, *shape[1:]), layer=layer)
+        key: store.require_array(spec(f"partial/{key}"), (n, *shape), (1, *shape), layer=layer)
         for key, shape in shapes.items()
     }
 
@@ -208,6 +208,61 @@ def _skipped_in(store: AtlasStore, layer: str, rows: range, dataset: ImageDatase
     return out
 
 
+class _ShardWriter:
+    """Writes finished shards from one background thread, in order, while the next shard computes.
+
+    A shard's arrays (activation rows, then every `partial/*` row: one write per array) are written
+    concurrently by a small thread pool (Zarr encodes and stores chunks outside the GIL); its marker
+    only after all of them. `close()` waits for everything and raises the first error."""
+
+    def __init__(self, store: AtlasStore, lease_tokens: Sequence[str] = (), threads: int = 8) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = store
+        self._tokens = list(lease_tokens)  # read in the caller's thread: the writer's has no run context
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rfatlas-write")
+        self._serial = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rfatlas-shard-writer")
+        self._pending: list[Any] = []
+        self._arrays: dict[tuple[str, str], Any] = {}
+        self.seconds = 0.0  # time spent writing (in the background)
+
+    def _array(self, layer: str, key: str, make: Callable[[], Any]) -> Any:
+        arr = self._arrays.get((layer, key))
+        if arr is None:
+            arr = self._arrays[(layer, key)] = make()
+        return arr
+
+    def submit(
+        self, shard_id: int, jobs: list[Callable[[], None]], done: Callable[[], None], info: Mapping[str, Any]
+    ) -> Any:
+        def write() -> None:
+            t0 = time.perf_counter()
+            for f in [self._pool.submit(job) for job in jobs]:
+                f.result()
+            self.store.check_lease(self._tokens)  # a run that lost the lease marks nothing done
+            self.store.mark_done(sweep_shard_key(shard_id), info)
+            self.seconds += time.perf_counter() - t0
+            try:
+                done()
+            except Exception:  # a progress callback never fails a written shard
+                logging.getLogger("rfatlas.pipeline").warning("shard %d: progress callback failed", shard_id)
+
+        fut = self._serial.submit(write)
+        self._pending.append(fut)
+        return fut
+
+    def close(self, wait_errors: bool = True) -> None:
+        try:
+            for fut in self._pending:
+                if wait_errors:
+                    fut.result()
+                else:
+                    fut.exception()
+        finally:
+            self._serial.shutdown(wait=True)
+            self._pool.shutdown(wait=True)
+
+
 def sweep_shard(
     store_url: str,
     shard_id: int,
@@ -225,7 +280,34 @@ def sweep_shard(
     Returns {shard, images, skipped: [{index, path, reason}], seconds, cached}; the caller records
     `skipped` in the root attrs (`AtlasStore.add_skipped`, one writer). `on_batch(n)` reports progress.
     """
-    t0 = time.perf_counter()
+    return sweep_shards(
+        store_url, [shard_id], model=model, dataset=dataset, device=device, amp=amp,
+        num_workers=num_workers, on_batch=on_batch,
+    )[0]  # fmt: skip
+
+
+def sweep_shards(
+    store_url: str,
+    shard_ids: Sequence[int],
+    *,
+    model: nn.Module,
+    dataset: ImageDataset,
+    device: str | torch.device = "auto",
+    amp: bool | str | None = None,
+    num_workers: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+    on_shard: Callable[[dict[str, Any]], None] | None = None,
+    prefetch: int = 2,
+) -> list[dict[str, Any]]:
+    """Sweep several shards back to back, as one pipeline: the next batches are decoded in a
+    background thread (across shard boundaries) while the model runs, and each finished shard is
+    written (one write per array, then its marker) from a background thread while the next one
+    computes. Each shard's data and marker are exactly those of `sweep_shard`.
+
+    Returns one dict per shard, in `shard_ids` order: {shard, images, skipped, seconds, cached,
+    timings: {data, compute, write}}; `on_shard(result)` is called as each shard's marker is written
+    (from the writer thread), `on_batch(n)` per batch."""
+    t_start = time.perf_counter()
     store = AtlasStore.open(store_url, "r+")
     cfg = store.run["config"]
     recorded = cfg.get("precision", "auto")
@@ -236,70 +318,177 @@ def sweep_shard(
         )
     amp = recorded
     layers: list[str] = list(cfg["layers"])
-    shards = shard_ranges(int(store.run["num_images"]), int(cfg["shard_size"]))
-    if not 0 <= shard_id < len(shards):
-        raise StoreError(f"shard {shard_id} out of range: the atlas has {len(shards)} shards")
-    rows = shards[shard_id]
+    num_images = int(store.run["num_images"])
+    shards = shard_ranges(num_images, int(cfg["shard_size"]))
+    for shard_id in shard_ids:
+        if not 0 <= shard_id < len(shards):
+            raise StoreError(f"shard {shard_id} out of range: the atlas has {len(shards)} shards")
     check_model_matches(model, store.run)  # a checkpoint overwritten since the atlas was made
     check_data_matches(dataset, store.run)
-    if len(dataset) != int(store.run["num_images"]):
-        raise StoreError(
-            f"dataset has {len(dataset)} images but the atlas was made for {store.run['num_images']}"
-        )
-    if store.is_done(sweep_shard_key(shard_id)):
-        if on_batch is not None:
-            on_batch(len(rows))
-        return {
-            "shard": shard_id,
-            "images": 0,
-            "skipped": _skipped_in(store, layers[0], rows, dataset),
-            "seconds": 0.0,
-            "cached": True,
-        }
+    if len(dataset) != num_images:
+        raise StoreError(f"dataset has {len(dataset)} images but the atlas was made for {num_images}")
+    done = store.done_keys("sweep")
+    results: dict[int, dict[str, Any]] = {}
+    todo: list[int] = []
+    for shard_id in shard_ids:
+        rows = shards[shard_id]
+        if sweep_shard_key(shard_id) in done:
+            if on_batch is not None:
+                on_batch(len(rows))
+            results[shard_id] = {
+                "shard": shard_id,
+                "images": 0,
+                "skipped": _skipped_in(store, layers[0], rows, dataset),
+                "seconds": 0.0,
+                "cached": True,
+            }
+            if on_shard is not None:
+                on_shard(results[shard_id])
+        elif shard_id not in todo:
+            todo.append(shard_id)
+    if not todo:
+        return [results[s] for s in shard_ids]
+
+    k, batch_size, shard_size = int(cfg["k"]), int(cfg["batch_size"]), int(cfg["shard_size"])
     geos = {name: layer_geometry(store, name) for name in layers}
-    runner = SweepRunner(
-        model,
-        {n: g for n, (g, _, _) in geos.items()},
-        {n: c for n, (_, c, _) in geos.items()},
-        k=int(cfg["k"]),
-        device=device,
-        amp=amp,
-    )
-    precision = _check_precision(store, runner)
-    act = {n: np.full((len(rows), c), np.nan, np.float32) for n, (_, c, _) in geos.items()}
-    skipped: list[dict[str, Any]] = []
-    labels = np.full(len(rows), -1, np.int64)
-    images = 0
-    pin = runner.device.type == "cuda"
-    for batch in iter_batches(dataset, rows, int(cfg["batch_size"]), num_workers=num_workers, pin_memory=pin):
-        skipped += [{"index": s.index, "path": s.path, "reason": s.reason} for s in batch.skipped]
-        maxima = runner.step(batch.images, batch.indices)
-        local = batch.indices.numpy() - rows.start
-        for name, m in maxima.items():
-            act[name][local] = m.numpy()
-        labels[local] = batch.labels.numpy()
-        images += int(batch.indices.numel())
-        if on_batch is not None:
-            on_batch(int(batch.indices.numel()) + len(batch.skipped))
-    n = int(store.run["num_images"])
-    for name, (geo, channels, _) in geos.items():
-        arr = store.require_array(
-            spec("activation"), (n, channels), (int(cfg["shard_size"]), channels), layer=name
+    merged = {key.partition("/")[2] for key in store.done_keys("merge")}
+    chunk_lists = [_index_chunks(shards[s], batch_size) for s in todo]
+
+    def new_runner() -> SweepRunner:  # fresh reducers per shard
+        return SweepRunner(
+            model,
+            {n: g for n, (g, _, _) in geos.items()},
+            {n: c for n, (_, c, _) in geos.items()},
+            k=k,
+            device=device,
+            amp=amp,
         )
-        arr[rows.start : rows.stop] = act[name]
-        if store.is_done(f"merge/{name}"):
-            continue  # already merged: its partials are gone for good
-        state = runner.reducers[name].state_dict()
-        for key, parr in _partial_arrays(store, name, geo, channels).items():
-            parr[shard_id] = state[key]
+
+    runner = new_runner()
+    precision = _check_precision(store, runner)
+    writer = _ShardWriter(store, lease_tokens())  # the run's lease, checked before every marker
+    stream = iter_chunk_batches(
+        dataset,
+        [c for chunks in chunk_lists for c in chunks],
+        num_workers=num_workers,
+        pin_memory=runner.device.type == "cuda",
+        prefetch=prefetch,
+    )
+    ok = False
+    t_first = time.perf_counter()
+    try:
+        for i, (shard_id, chunks) in enumerate(zip(todo, chunk_lists, strict=True)):
+            t0 = time.perf_counter()
+            rows = shards[shard_id]
+            if i:
+                runner = new_runner()
+            act = {n: np.full((len(rows), c), np.nan, np.float32) for n, (_, c, _) in geos.items()}
+            labels = np.full(len(rows), -1, np.int64)
+            skipped: list[dict[str, Any]] = []
+            images = 0
+            t_data = t_compute = 0.0
+            for _ in chunks:
+                t1 = time.perf_counter()
+                batch = next(stream)
+                t2 = time.perf_counter()
+                skipped += [{"index": s.index, "path": s.path, "reason": s.reason} for s in batch.skipped]
+                maxima = runner.step(batch.images, batch.indices)
+                local = batch.indices.numpy() - rows.start
+                for name, m in maxima.items():
+                    act[name][local] = m.numpy()
+                labels[local] = batch.labels.numpy()
+                images += int(batch.indices.numel())
+                t_data += t2 - t1
+                t_compute += time.perf_counter() - t2
+                if on_batch is not None:
+                    on_batch(int(batch.indices.numel()) + len(batch.skipped))
+            states = {name: runner.reducers[name].state_dict() for name in layers if name not in merged}
+            jobs = _shard_jobs(store, writer, shard_id, rows, geos, act, states, shard_size, num_images, k)
+            paths = np.array([dataset.describe(i) for i in rows], dtype="T")
+            jobs.append(functools.partial(_write_images, store, rows, labels, paths))
+            nonfinite = {name: idx for name, idx in runner.nonfinite.items() if idx}
+            info: dict[str, Any] = {"precision": precision, **({"nonfinite": nonfinite} if nonfinite else {})}
+            result = {
+                "shard": shard_id,
+                "images": images,
+                "skipped": skipped,
+                "seconds": time.perf_counter() - t0,
+                "cached": False,
+                "timings": {"data": t_data, "compute": t_compute},
+            }
+            results[shard_id] = result
+
+            def finished(result: dict[str, Any] = result) -> None:
+                if on_shard is not None:
+                    on_shard(result)
+
+            writer.submit(shard_id, jobs, finished, info)
+        ok = True
+    finally:
+        stream.close()
+        t_wait = time.perf_counter()
+        writer.close(wait_errors=ok)
+        wait = time.perf_counter() - t_wait
+    for shard_id in todo:  # the write of the last shard is on the critical path: count it there
+        results[shard_id]["timings"]["write"] = writer.seconds / len(todo)
+    results[todo[-1]]["seconds"] += wait
+    results[todo[-1]]["timings"]["write_wait"] = wait
+    results[todo[0]]["timings"]["setup"] = t_first - t_start
+    return [results[s] for s in shard_ids]
+
+
+def _write_images(store: AtlasStore, rows: range, labels: np.ndarray, paths: np.ndarray) -> None:
+    """A shard's rows of `images/label` and `images/path`."""
     label_arr, path_arr = image_arrays(store)
     label_arr[rows.start : rows.stop] = labels
-    path_arr[rows.start : rows.stop] = np.array([dataset.describe(i) for i in rows], dtype="T")
-    nonfinite = {name: idx for name, idx in runner.nonfinite.items() if idx}
-    info: dict[str, Any] = {"precision": precision, **({"nonfinite": nonfinite} if nonfinite else {})}
-    store.mark_done(sweep_shard_key(shard_id), info)
-    seconds = time.perf_counter() - t0
-    return {"shard": shard_id, "images": images, "skipped": skipped, "seconds": seconds, "cached": False}
+    path_arr[rows.start : rows.stop] = paths
+
+
+def _shard_jobs(
+    store: AtlasStore,
+    writer: _ShardWriter,
+    shard_id: int,
+    rows: range,
+    geos: dict[str, tuple[PatchGeometry, int, tuple[int, int]]],
+    act: dict[str, np.ndarray],
+    states: dict[str, dict[str, np.ndarray]],
+    shard_size: int,
+    num_images: int,
+    k: int,
+) -> list[Callable[[], None]]:
+    """One write job per array of a shard (activation rows of every layer, partial rows of every
+    layer not merged yet); each opens its array once per sweep (cached by the writer)."""
+    jobs: list[Callable[[], None]] = []
+    for name, (_, channels, _) in geos.items():
+
+        def write_act(name: str = name, channels: int = channels) -> None:
+            arr = writer._array(
+                name,
+                "activation",
+                lambda: store.require_array(
+                    spec("activation"), (num_images, channels), (shard_size, channels), layer=name
+                ),
+            )
+            arr[rows.start : rows.stop] = act[name]
+
+        jobs.append(write_act)
+        for key, value in states.get(name, {}).items():
+
+            def write_part(name: str = name, key: str = key, value: np.ndarray = value) -> None:
+                arr = writer._array(
+                    name,
+                    f"partial/{key}",
+                    lambda: store.require_array(
+                        spec(f"partial/{key}"),
+                        (store.num_shards, *value.shape),
+                        (1, *value.shape),
+                        layer=name,
+                    ),
+                )
+                arr[shard_id] = value
+
+            jobs.append(write_part)
+    return jobs
 
 
 def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
@@ -318,9 +507,10 @@ def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
     geo, channels, _ = layer_geometry(store, layer)
     k = int(store.run["config"]["k"])
     parts = _partial_arrays(store, layer, geo, channels)
+    whole = _read_all({key: parts[key] for key in STATE_KEYS})  # one read per array, all concurrently
     total = LayerReducer(channels, geo, k=k)
     for s in range(store.num_shards):
-        total.merge(LayerReducer.from_state_dict({key: parts[key][s] for key in STATE_KEYS}, geo))
+        total.merge(LayerReducer.from_state_dict({key: whole[key][s] for key in STATE_KEYS}, geo))
     res = total.result()
     value = np.where(res.topk_image < 0, np.float32(np.nan), res.topk_value).astype(np.float32)
     p = geo.size
@@ -379,6 +569,90 @@ def _nonfinite_attrs(store: AtlasStore, layer: str) -> dict[str, Any]:
         )
     precision = {"precision": precisions.pop()} if precisions else {}
     return {"nonfinite_images": len(found), "nonfinite_examples": sorted(found)[:10], **precision}
+
+
+def _read_all(arrays: dict[str, Any], threads: int = 8) -> dict[str, np.ndarray]:
+    """Every array read whole, concurrently (Zarr decodes chunks outside the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(array: Any) -> np.ndarray:
+        return np.asarray(array[...])
+
+    with ThreadPoolExecutor(max_workers=min(threads, max(1, len(arrays)))) as pool:
+        futures = {key: pool.submit(read, arr) for key, arr in arrays.items()}
+        return {key: f.result() for key, f in futures.items()}
+
+
+def merge_layers(store_url: str, layers: Sequence[str]) -> list[dict[str, Any]]:
+    """`merge_layer` of several layers, concurrently (their reads, decoding and torch merges overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(layers) <= 1:
+        return [merge_layer(store_url, layer) for layer in layers]
+    with ThreadPoolExecutor(max_workers=min(4, len(layers)), thread_name_prefix="rfatlas-merge") as pool:
+        return list(pool.map(lambda layer: merge_layer(store_url, layer), layers))
+
+
+class _CachedImages(ImageDataset):
+    """A dataset view serving a preloaded set of images (the rest raise KeyError: never asked for)."""
+
+    def __init__(self, base: ImageDataset, images: dict[int, tuple[np.ndarray, int]]) -> None:
+        super().__init__(base.spec, base.size, base.resize, base.class_names)
+        self._base, self._images = base, images
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def get(self, index: int) -> tuple[np.ndarray, int]:
+        return self._images[int(index)]
+
+
+def crop_layers(
+    store_url: str, layers: Sequence[str], *, dataset: ImageDataset, images_per_pass: int = 256
+) -> list[dict[str, Any]]:
+    """`crop_patches` of several merged layers, reading each winning image once for all of them (in
+    passes of at most `images_per_pass` images held in memory), with the same results."""
+    t0 = time.perf_counter()
+    store = AtlasStore.open(store_url, "r+")
+    done = store.done_keys("crop")
+    merged = store.done_keys("merge")
+    out: dict[str, dict[str, Any]] = {}
+    todo: list[str] = []
+    for layer in layers:
+        if f"crop/{layer}" in done:
+            out[layer] = {"layer": layer, "images": 0, "seconds": 0.0, "cached": True}
+        elif f"merge/{layer}" not in merged:
+            raise StoreError(f"cannot crop patches of layer {layer}: it is not merged yet")
+        else:
+            todo.append(layer)
+    info: dict[str, tuple[PatchGeometry, np.ndarray, np.ndarray, np.ndarray]] = {}
+    for layer in todo:
+        geo, _, _ = layer_geometry(store, layer)
+        top = _read_all({key: store.layer_group(layer)[f"topk/{key}"] for key in ("image", "y", "x")})
+        info[layer] = (geo, top["image"], top["y"], top["x"])
+    wanted = np.unique(np.concatenate([i[1][i[1] >= 0] for i in info.values()] or [np.zeros(0, np.int64)]))
+    patches = {
+        layer: np.zeros((*image.shape, 3, geo.size, geo.size), dtype=np.uint8)
+        for layer, (geo, image, _, _) in info.items()
+    }
+    for lo in range(0, len(wanted), images_per_pass):
+        group = wanted[lo : lo + images_per_pass]
+        view = _CachedImages(dataset, {int(i): dataset.get(int(i)) for i in group})
+        for layer, (geo, image, y, x) in info.items():
+            mine = np.isin(image, group)
+            if not mine.any():
+                continue
+            part = crop_topk_patches(view, geo, np.where(mine, image, -1), y, x)
+            patches[layer][mine] = part[mine]
+    for layer, (geo, image, _, _) in info.items():
+        k, p = image.shape[1], geo.size
+        arr = store.require_array(spec("topk/patch"), patches[layer].shape, (1, k, 3, p, p), layer=layer)
+        arr[...] = patches[layer]
+        store.set_layer_attrs(layer, complete=True)
+        store.mark_done(f"crop/{layer}")
+        images = len(np.unique(image[image >= 0]))
+        out[layer] = {"layer": layer, "images": images, "seconds": time.perf_counter() - t0, "cached": False}
+    return [out[layer] for layer in layers]
 
 
 def crop_patches(store_url: str, layer: str, *, dataset: ImageDataset) -> dict[str, Any]:
@@ -446,21 +720,20 @@ def run_sweep(
     skipped: list[dict[str, Any]] = []
     images = 0
     with tqdm(total=len(dataset), unit="img", desc="sweep", disable=not progress) as bar:
-        for shard in range(store.num_shards):
-            out = sweep_shard(
-                url,
-                shard,
-                model=model,
-                dataset=dataset,
-                device=device,
-                amp=amp,
-                num_workers=num_workers,
-                on_batch=bar.update,
-            )
+        for out in sweep_shards(
+            url,
+            range(store.num_shards),
+            model=model,
+            dataset=dataset,
+            device=device,
+            amp=amp,
+            num_workers=num_workers,
+            on_batch=bar.update,
+        ):
             skipped += out["skipped"]
             images += out["images"]
     store.add_skipped([SkippedImage(**s) for s in skipped])
-    for layer in store.run["config"]["layers"]:
-        merge_layer(url, layer)
-        crop_patches(url, layer, dataset=dataset)
+    layers = list(store.run["config"]["layers"])
+    merge_layers(url, layers)
+    crop_layers(url, layers, dataset=dataset)
     return {"url": url, "images": images, "skipped": len(skipped), "seconds": time.perf_counter() - t0}

@@ -167,10 +167,15 @@ class BatchPools:
 def _count_over_batch(mask: Tensor) -> Tensor:
     """Sum of a bool mask (B, ...) over its first dim as int32 (...): elementwise adds of one item at
     a time, which beat torch's reduction of bool over a dim many times over."""
+    if mask[0].numel() >= _COUNT_REDUCE_MIN:  # large items: one uint8 -> int32 reduction wins
+        return mask.view(torch.uint8).sum(dim=0, dtype=torch.int32)
     count = mask[0].to(torch.int32)
     for item in mask[1:]:
         count += item
     return count
+
+
+_COUNT_REDUCE_MIN = 1 << 16  # elements per item above which `_count_over_batch` reduces in one op
 
 
 def _order_key(value: Tensor, index: Tensor) -> Tensor:

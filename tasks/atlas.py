@@ -6,6 +6,7 @@ into the store's own chunks, then its completion marker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -28,6 +29,25 @@ def _fingerprint(store_url: str) -> str | None:
 
 def _where() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dask_worker() -> Any:
+    """The Dask worker running this task, or None."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
+def warm_worker(
+    model: str, weights: str | None, device: str, seed: int, data: str, image_size: int, resize: int | None
+) -> None:
+    """Load a run's model and dataset into this worker's caches ahead of its first shard."""
+    configure_threads_from_env()
+    cached_model(model, weights, device, seed)
+    cached_dataset(data, image_size, resize)
 
 
 @task(name="prepare-store", task_run_name="prepare[{model}]", **TASK_OPTIONS)
@@ -104,6 +124,89 @@ def sweep_shard(
             shard, num_shards, out["images"], out["seconds"], out["worker"], len(out["skipped"]),
         )  # fmt: skip
     return out
+
+
+@task(
+    name="sweep-shards",
+    task_run_name="sweep[shards={first:04d}-{last:04d}/{num_shards:04d}]",
+    tags=[GPU_TAG],
+    **TASK_OPTIONS,
+)
+def sweep_shards(
+    store_url: str,
+    shards: list[int],
+    num_shards: int,
+    *,
+    first: int,
+    last: int,
+    model: str,
+    weights: str | None,
+    data: str,
+    image_size: int,
+    resize: int | None,
+    device: str = "auto",
+    seed: int = 0,
+    progress_topic: str | None = None,
+) -> list[dict[str, Any]]:
+    """Several shards as one pipeline (`rfcore.pipeline.sweep_shards`: decoding ahead, each shard
+    written while the next computes); each shard still writes its own marker, so resume and retries
+    redo only unmarked shards. On a Dask worker, each finished shard is also announced as a Dask
+    event `{shard, images}` on `progress_topic` (the flow's progress bar and artifact, per shard).
+    Returns one dict per shard (as `sweep_shard`)."""
+    t0 = time.perf_counter()
+    threads = configure_threads_from_env()
+    net = cached_model(model, weights, device, seed)
+    dataset = cached_dataset(data, image_size, resize)
+    load = time.perf_counter() - t0
+    log = task_logger()
+    where = _where()
+    worker = _dask_worker() if progress_topic else None
+
+    def finished(out: dict[str, Any]) -> None:
+        if worker is not None and not out["cached"]:
+            with contextlib.suppress(Exception):  # progress is best effort
+                worker.log_event(progress_topic, {"shard": int(out["shard"]), "images": int(out["images"])})
+        if not out["cached"]:
+            log.info(
+                "shard %d/%d: %d images in %.2f s on %s (%d skipped)",
+                out["shard"], num_shards, out["images"], out["seconds"], where, len(out["skipped"]),
+            )  # fmt: skip
+
+    outs = pipeline.sweep_shards(
+        store_url, shards, model=net, dataset=dataset, device=device, on_shard=finished
+    )
+    for out in outs:
+        out.update(worker=where, load_seconds=load, threads=threads)
+    return outs
+
+
+@task(name="merge-crop", task_run_name="merge-crop[{first}..{last}]", **TASK_OPTIONS)
+def merge_crop(
+    store_url: str,
+    layers: list[str],
+    *,
+    first: str,
+    last: str,
+    data: str,
+    image_size: int,
+    resize: int | None,
+) -> dict[str, Any]:
+    """Merge, then crop, a group of layers in one task: merges run concurrently, crops read each
+    winning image once for all the group's layers."""
+    configure_threads_from_env()
+    t0 = time.perf_counter()
+    merged = pipeline.merge_layers(store_url, layers)
+    t1 = time.perf_counter()
+    cropped = pipeline.crop_layers(store_url, layers, dataset=cached_dataset(data, image_size, resize))
+    t2 = time.perf_counter()
+    task_logger().info("merged %d layers in %.2f s, cropped them in %.2f s", len(layers), t1 - t0, t2 - t1)
+    return {
+        "layers": layers,
+        "merge_seconds": t1 - t0,
+        "crop_seconds": t2 - t1,
+        "merged": merged,
+        "cropped": cropped,
+    }
 
 
 @task(name="merge-layer", task_run_name="merge[layer={layer}]", **TASK_OPTIONS)

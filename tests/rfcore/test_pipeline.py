@@ -14,7 +14,7 @@ from rfcore.data import BadImageError, ImageDataset, open_dataset
 from rfcore.errors import ConfigMismatchError, StoreError
 from rfcore.models import get_model
 from rfcore.pipeline import crop_patches, merge_layer, prepare_store, run_sweep, sweep_shard
-from rfcore.sweep import SweepConfig, sweep_dataset
+from rfcore.sweep import SweepConfig, crop_topk_patches, sweep_dataset
 
 MODEL, DATA, N, BATCH, K = "resnet10t", "synthetic:24", 24, 6, 4
 LAYERS = "conv1,layer1.0,layer4.0"  # layer4.0: RF 195 px > patch_max, pooled by 4
@@ -141,6 +141,9 @@ def test_store_matches_in_memory_reducers(one_shard: str) -> None:
         np.testing.assert_array_equal(act[top, np.arange(len(top))], res.topk_value[:, 0])
         shape = (red.channels, K, 3, red.geometry.size, red.geometry.size)
         assert read(one_shard, f"{layer}/topk/patch").shape == shape
+        # crop_layers (each image read once for all layers) == crop_topk_patches of the layer alone
+        want = crop_topk_patches(ds, red.geometry, res.topk_image, res.topk_y, res.topk_x)
+        np.testing.assert_array_equal(read(one_shard, f"{layer}/topk/patch"), want)
     assert attrs(one_shard, "layers/layer4.0")["patch"]["factor"] == 4
 
 
@@ -279,3 +282,38 @@ def test_weights_digest_names_the_atlas_and_guards_its_identity(tmp_path: Path) 
     assert second.url != first.url
     with pytest.raises(StoreError, match="no checkpoint file"):
         prepare_store(str(tmp_path / "random-{weights_digest}.zarr"), weights=None, **common)
+
+
+def test_crop_in_small_passes_equals_one_pass(one_shard: str, tmp_path: Path) -> None:
+    """Images held per pass do not change the patches (each image is still read once)."""
+    import shutil
+
+    from rfcore.pipeline import crop_layers
+    from rfcore.store import AtlasStore
+
+    url = str(tmp_path / "copy")
+    shutil.copytree(one_shard, url)
+    store = AtlasStore.open(url, "r+")
+    layers = list(store.run["config"]["layers"])
+    reads: list[int] = []
+
+    class Counting(ImageDataset):
+        def __init__(self) -> None:
+            self.inner = open_dataset(DATA, size=64)
+            super().__init__(DATA, 64, 64, [])
+
+        def __len__(self) -> int:
+            return len(self.inner)
+
+        def get(self, index: int) -> tuple[np.ndarray, int]:
+            reads.append(index)
+            return self.inner.get(index)
+
+    for layer in layers:
+        store.remove("topk/patch", layer=layer)
+        (Path(url) / "_state" / "done" / "crop" / layer).unlink()
+    crop_layers(url, layers, dataset=Counting(), images_per_pass=3)
+    assert len(reads) == len(set(reads))
+    for layer in layers:
+        path = f"layers/{layer}/topk/patch"
+        np.testing.assert_array_equal(read(url, path), read(one_shard, path))
