@@ -55,13 +55,18 @@ def _walk(group: zarr.Group, prefix: str = "") -> dict[str, Any]:
 
 
 def store_diff(url_a: str, url_b: str) -> list[str]:
-    """Differences between two atlases (arrays bit for bit, attrs, layout); [] when identical."""
+    """Differences between two atlases (arrays bit for bit, attrs, layout); [] when identical. The root
+    attr naming the flow run that last wrote the store is provenance and is not compared."""
     from rfcore.store import AtlasStore
+
+    from rfcore.site import FLOW_RUN_ATTR
 
     a, b = AtlasStore.open(url_a).root, AtlasStore.open(url_b).root
     problems = []
-    if dict(a.attrs) != dict(b.attrs):
-        problems.append(f"root attrs differ: {dict(a.attrs)} vs {dict(b.attrs)}")
+    # provenance, not results: the UI link of the flow run that last wrote the store
+    attrs_a, attrs_b = ({k: v for k, v in dict(g.attrs).items() if k != FLOW_RUN_ATTR} for g in (a, b))
+    if attrs_a != attrs_b:
+        problems.append(f"root attrs differ: {attrs_a} vs {attrs_b}")
     na, nb = _walk(a), _walk(b)
     if set(na) != set(nb):
         problems.append(f"layout differs: {sorted(set(na) ^ set(nb))}")
