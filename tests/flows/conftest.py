@@ -57,9 +57,8 @@ def _walk(group: zarr.Group, prefix: str = "") -> dict[str, Any]:
 def store_diff(url_a: str, url_b: str) -> list[str]:
     """Differences between two atlases (arrays bit for bit, attrs, layout); [] when identical. The root
     attr naming the flow run that last wrote the store is provenance and is not compared."""
-    from rfcore.store import AtlasStore
-
     from rfcore.site import FLOW_RUN_ATTR
+    from rfcore.store import AtlasStore
 
     a, b = AtlasStore.open(url_a).root, AtlasStore.open(url_b).root
     problems = []
