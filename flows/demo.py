@@ -84,7 +84,8 @@ def demo(
     check_demo_out(out)
     base = _abs_url(out)
     names = parse_analyses(analyses)
-    options = {**DEMO["analysis_options"], **(analysis_options or {})}
+    defaults = {name: opts for name, opts in DEMO["analysis_options"].items() if name in names}
+    options = {**defaults, **(analysis_options or {})}
     if "://" not in base:
         Path(base).mkdir(parents=True, exist_ok=True)
     emit(ProgressEvent("train", "train", 0, len(models), 0.0, None))
