@@ -280,6 +280,27 @@ def check(ok: bool, message: str) -> None:
         raise AnalysisError(message)
 
 
+def atlas_layers(store: AtlasStore, spec: str) -> list[str]:
+    """The layers an analysis's `layers` option names: `all` (every swept layer, in the atlas's
+    order), `default` (the model's first max-pool, the paper's layer) or a comma list; each must be a
+    layer of the atlas (UnknownLayerError with a close match otherwise)."""
+    from rfcore.atlas import Atlas
+
+    if spec.strip() == "all":
+        return store.layer_names
+    if spec.strip() == "default":
+        from rfcore.inactive import default_layer
+        from rfcore.models import get_model
+
+        names = [default_layer(get_model(store.run["model"]))]
+    else:
+        names = parse_list(spec)
+    atlas = Atlas(store)
+    for name in names:
+        atlas.layer(name)
+    return names
+
+
 def parse_list(spec: str | Sequence[str] | None) -> list[str]:
     """`"a,b"` or a list -> names, blanks dropped."""
     if spec is None:

@@ -21,7 +21,6 @@ from rfcore.analyses.selectivity import (
     pending_units,
     read,
     stored_config,
-    swept_layers,
 )
 from rfcore.analysis import (
     Analysis,
@@ -30,6 +29,7 @@ from rfcore.analysis import (
     Resources,
     Section,
     Unit,
+    atlas_layers,
     check,
     options_config,
     register,
@@ -129,7 +129,7 @@ class AttributionAnalysis(Analysis):
         _, classes = labelled(store)
         units = []
         args = {"options": options_config(opts)}
-        for layer in swept_layers(store, opts.layers):
+        for layer in atlas_layers(store, opts.layers):
             channels = int(activation(store, layer).shape[1])
             store.require_group(
                 f"layers/{layer}/{GROUP}", config=stored_config(opts, drop=("layers", "batch_size"))
@@ -253,7 +253,7 @@ class AttributionAnalysis(Analysis):
     def finish(self, store: AtlasStore, opts: Any) -> dict[str, Any]:
         atlas = Atlas(store)
         out = {}
-        for layer in swept_layers(store, opts.layers):
+        for layer in atlas_layers(store, opts.layers):
             attrs = group_attrs(atlas, f"layers/{layer}/{GROUP}") or {}
             if "contribution" in attrs:
                 out[layer] = attrs["contribution"]

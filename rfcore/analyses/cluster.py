@@ -22,9 +22,18 @@ from rfcore.analyses.selectivity import (
     pending_units,
     read,
     stored_config,
-    swept_layers,
 )
-from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, options_config, register
+from rfcore.analysis import (
+    Analysis,
+    Assets,
+    Resources,
+    Section,
+    Unit,
+    atlas_layers,
+    check,
+    options_config,
+    register,
+)
 from rfcore.atlas import Atlas
 from rfcore.cluster import (
     CLASS_NORMS,
@@ -123,7 +132,7 @@ class ClusterAnalysis(Analysis):
         _, classes = labelled(store)
         store.require_group(ROOT, config=stored_config(opts))
         units = []
-        for layer in swept_layers(store, opts.layers):
+        for layer in atlas_layers(store, opts.layers):
             channels = int(activation(store, layer).shape[1])
             dims = {"units": (channels, len(classes)), "classes": (len(classes), channels)}
             for items, (n, f) in dims.items():
@@ -197,7 +206,7 @@ class ClusterAnalysis(Analysis):
     def finish(self, store: AtlasStore, opts: Any) -> dict[str, Any]:
         atlas = Atlas(store)
         out = {}
-        for layer in swept_layers(store, opts.layers):
+        for layer in atlas_layers(store, opts.layers):
             u = group_attrs(atlas, f"{ROOT}/{layer}/units") or {}
             c = group_attrs(atlas, f"{ROOT}/{layer}/classes") or {}
             if "kmeans_k" in u and "kmeans_k" in c:

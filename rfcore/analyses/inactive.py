@@ -9,24 +9,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, parse_list, register
+from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, atlas_layers, check, register
 from rfcore.atlas import Atlas
 from rfcore.errors import ConfigMismatchError, StoreError
-from rfcore.inactive import INACTIVE_SPEC, default_layer, read_inactive, write_inactive
-from rfcore.models import get_model
+from rfcore.inactive import INACTIVE_SPEC, read_inactive, write_inactive
 from rfcore.store import AtlasStore, redact
-
-
-def analysis_layers(store: AtlasStore, spec: str) -> list[str]:
-    """`default` (the model's first max-pool), `all` (every swept layer) or a comma list; each must
-    be a layer of the atlas (UnknownLayerError with a suggestion otherwise)."""
-    if spec == "all":
-        return store.layer_names
-    names = [default_layer(get_model(store.run["model"]))] if spec == "default" else parse_list(spec)
-    atlas = Atlas(store)
-    for name in names:
-        atlas.layer(name)
-    return names
 
 
 def check_threshold(store: AtlasStore, layer: str, threshold: float) -> bool:
@@ -69,7 +56,7 @@ class Inactive(Analysis):
 
     def plan(self, store: AtlasStore, opts: InactiveOptions) -> list[Unit]:
         units = []
-        for layer in analysis_layers(store, opts.layers):
+        for layer in atlas_layers(store, opts.layers):
             if "max" not in Atlas(store).layer(layer).group:
                 raise StoreError(
                     f"layer {layer} of {redact(store.url)} has no sweep statistics yet; sweep it first"
@@ -85,7 +72,7 @@ class Inactive(Analysis):
 
     def finish(self, store: AtlasStore, opts: InactiveOptions) -> dict[str, Any]:
         found = {}
-        for layer in analysis_layers(store, opts.layers):
+        for layer in atlas_layers(store, opts.layers):
             mask, _ = read_inactive(store, layer)
             found[layer] = [int(i) for i in np.flatnonzero(mask)]
         return {"threshold": opts.threshold, "inactive": found}

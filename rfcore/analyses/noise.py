@@ -13,8 +13,8 @@ import numpy as np
 import zarr
 from numpy.typing import NDArray
 
-from rfcore.analyses.inactive import analysis_layers, check_threshold
-from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, register
+from rfcore.analyses.inactive import check_threshold
+from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, atlas_layers, check, register
 from rfcore.atlas import Atlas
 from rfcore.data import iter_batches, shard_ranges
 from rfcore.errors import StoreError
@@ -116,7 +116,7 @@ class Noise(Analysis):
     order = 20
 
     def _layer(self, store: AtlasStore, opts: NoiseOptions) -> str:
-        return analysis_layers(store, opts.layer)[0]
+        return atlas_layers(store, opts.layer)[0]
 
     def plan(self, store: AtlasStore, opts: NoiseOptions) -> list[Unit]:
         layer = self._layer(store, opts)

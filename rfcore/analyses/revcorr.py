@@ -16,7 +16,6 @@ import zarr
 
 from rfcore.analyses.tuning import (
     array_node,
-    atlas_layers,
     attrs_of,
     item,
     layer_geometry,
@@ -24,7 +23,17 @@ from rfcore.analyses.tuning import (
     rf_side,
     stimulus_amplitude,
 )
-from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, check, options_config, register
+from rfcore.analysis import (
+    Analysis,
+    Assets,
+    Resources,
+    Section,
+    Unit,
+    atlas_layers,
+    check,
+    options_config,
+    register,
+)
 from rfcore.atlas import Atlas
 from rfcore.models import model_meta
 from rfcore.revcorr import RevcorrReducer, accumulate, agreement, box_features, box_spec, predicted_surface

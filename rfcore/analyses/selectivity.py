@@ -4,7 +4,6 @@ group's attrs. Reads the sweep's `activation` array and `images/label`; math in 
 
 from __future__ import annotations
 
-import difflib
 import html
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +18,9 @@ from rfcore.analysis import (
     Resources,
     Section,
     Unit,
+    atlas_layers,
     check,
     options_config,
-    parse_list,
     register,
 )
 from rfcore.atlas import Atlas
@@ -34,21 +33,6 @@ _NAN = float("nan")
 GROUP = "selectivity"
 
 # --- helpers shared by the category analyses (selectivity, cluster, attribution) -----------------
-
-
-def swept_layers(store: AtlasStore, spec: str) -> list[str]:
-    """`all` (every swept layer) or a comma list of swept layers, in the atlas's order; AnalysisError
-    names an unknown one."""
-    names = store.layer_names
-    wanted = parse_list(spec)
-    if wanted == ["all"]:
-        return names
-    for name in wanted:
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f" (it has {', '.join(names)})"
-            raise AnalysisError(f"atlas {redact(store.url)} has no layer {name!r}{hint}")
-    return [n for n in names if n in wanted]
 
 
 def labelled(store: AtlasStore) -> tuple[np.ndarray, list[str]]:
@@ -193,7 +177,7 @@ class SelectivityAnalysis(Analysis):
     def plan(self, store: AtlasStore, opts: Any) -> list[Unit]:
         _, classes = labelled(store)
         units = []
-        for layer in swept_layers(store, opts.layers):
+        for layer in atlas_layers(store, opts.layers):
             channels = int(activation(store, layer).shape[1])
             store.require_group(f"layers/{layer}/{GROUP}", config=stored_config(opts))
             for spec in ARRAYS:
@@ -238,7 +222,7 @@ class SelectivityAnalysis(Analysis):
     def finish(self, store: AtlasStore, opts: Any) -> dict[str, Any]:
         atlas = Atlas(store)
         out = {}
-        for layer in swept_layers(store, opts.layers):
+        for layer in atlas_layers(store, opts.layers):
             attrs = group_attrs(atlas, f"layers/{layer}/{GROUP}") or {}
             if "distribution" in attrs:
                 out[layer] = {k: attrs["distribution"].get(k) for k in ("median", "significant", "units")}

@@ -20,9 +20,9 @@ from rfcore.analysis import (
     Resources,
     Section,
     Unit,
+    atlas_layers,
     check,
     options_config,
-    parse_list,
     register,
 )
 from rfcore.atlas import Atlas
@@ -82,17 +82,6 @@ TUNING_ARRAYS: dict[str, ArraySpec] = {
         for k, doc in _CLASSES.items()
     },
 }
-
-
-def atlas_layers(store: AtlasStore, spec: str) -> list[str]:
-    """`all` (every layer of the atlas) or a comma list, checked against the atlas (forward order kept)."""
-    if spec.strip() == "all":
-        return store.layer_names
-    names = parse_list(spec)
-    atlas = Atlas(store)
-    for name in names:
-        atlas.layer(name)  # UnknownLayerError with a suggestion
-    return names
 
 
 def layer_geometry(store: AtlasStore, layer: str) -> tuple[dict[str, Any], tuple[int, int], int, int]:
