@@ -15,6 +15,7 @@ import rfcore.selectivity
 from rfcore.analysis import AnalysisError, get_analysis
 from rfcore.atlas import open_atlas
 from rfcore.data import open_dataset
+from rfcore.errors import UnknownLayerError
 from rfcore.models import default_preprocessing, get_model
 from rfcore.pipeline import merge_layer, prepare_store, run_sweep, sweep_shard
 from rfcore.selectivity import (
@@ -179,7 +180,7 @@ def test_analysis_writes_the_layer_group(tmp_path: Path) -> None:
     # other options on the same results: refused before anything is written
     with pytest.raises(Exception, match="other options"):
         sel.plan(store, sel.options({"n_permutations": 10}))
-    with pytest.raises(AnalysisError, match="no layer"):
+    with pytest.raises(UnknownLayerError, match="has no layer nope"):
         sel.plan(store, sel.options({"layers": "nope"}))
 
 
