@@ -87,7 +87,7 @@ def test_quiet_cli_run_logs_reach_the_api(api_server: Server, tmp_path: Path) ->
     task_logs = [lg["message"] for lg in logs if lg["task_run_id"] and lg["level"] == 20]
     assert any("task runner:" in m for m in flow_logs), flow_logs
     assert any("done in" in m for m in flow_logs), flow_logs
-    assert any(m.startswith("merged conv1") for m in task_logs), task_logs  # from the Dask worker
+    assert any(m.startswith("merged 2 layers") for m in task_logs), task_logs  # from the Dask worker
 
     # the analysis subflow (named by its template) sends its own flow and task logs too
     subs = _post(api, "/flow_runs/filter", {"flows": {"name": {"any_": ["analysis"]}}})
