@@ -318,7 +318,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
     res = write_site(
-        [_out_url(u) for u in args.urls], _out_url(args.out), layers=layers, workers=args.workers
+        [_out_url(u) for u in args.urls],
+        _out_url(args.out),
+        layers=layers,
+        workers=args.workers or os.cpu_count() or 1,
     )
     n = sum(len(v) for v in res["layers"].values())
     print(
@@ -472,7 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("urls", nargs="+", metavar="URL", help="atlas URL(s)")
     p.add_argument("--out", required=True, help="site directory or URL (s3://bucket/prefix works)")
     p.add_argument("--layers", default=None, help="only these layers: L1,L2,... (default: all)")
-    p.add_argument("--workers", type=_positive, default=1, help="processes writing layers in parallel")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="processes writing layers in parallel (default: one per core)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("serve", help="serve a site on 127.0.0.1 for a quick look")
@@ -510,6 +518,10 @@ _CLEAN_EXIT = False
 def _main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    if argv is None:  # the process is ours: keep freed buffers for reuse (rfcore.memory)
+        from rfcore.memory import retain_freed_memory
+
+        retain_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-v" not in argv and "--verbose" not in argv:
         from flows.api import quiet_logs

@@ -18,7 +18,7 @@ from flows.atlas import atlas, parse_analyses
 from flows.compare import TABLE_TITLE, compare
 from flows.progress import ProgressEvent, emit
 from flows.runner import gpu_tasks, make_task_runner, shared_runner
-from rfcore.site import atlas_slug, write_site
+from rfcore.site import SiteWriter, atlas_slug
 from tasks.train import train_model
 
 DEMO: dict[str, Any] = {
@@ -106,32 +106,14 @@ def demo(
     trained = {m: f.result() for m, f in trains.items()}
     emit(ProgressEvent("train", "train", len(models), len(models), 0.0, None, {"trained": trained}))
     results: dict[str, Any] = {"out": base, "models": {}}
-    for m in models:
-        store_url = _join(base, f"{m}.zarr")
-        runner = shared_runner()
-        sub = atlas.with_options(task_runner=runner) if runner is not None else atlas
-        summary = sub(
-            model=m, data=val_data, store_url=store_url, weights=trained[m]["checkpoint_url"], layers=layers,
-            k=k, shard_size=shard_size, analyses=names, device=device, seed=seed, analysis_options=options,
-        )  # fmt: skip
-        results["models"][m] = {
-            "val_accuracy": trained[m]["val_accuracy"],
-            "train_seconds": trained[m]["seconds"],
-            "checkpoint": trained[m]["checkpoint_url"],
-            "store": store_url,
-            "report": None,  # set once the site is written
-            "layers": summary["layers"],
-            "channels": summary["channels"],
-            "images": summary["num_images"],
-            "skipped": summary["skipped"],
-            "atlas_seconds": summary["wall_s"],
-            "images_per_s": summary["images_per_s"],
-            "notable": notable_units(store_url, val_data),
-            "findings": analysis_findings(store_url, names[1:]),
-            "cross_block": cross_block(store_url),
-        }
-        log.info("demo: %s done (%s)", m, store_url)
-    site = _report([r["store"] for r in results["models"].values()], _join(base, "site"))
+    stores = {m: _join(base, f"{m}.zarr") for m in models}
+    with SiteWriter(list(stores.values()), _join(base, "site"), workers=DEMO["workers"]) as site_writer:
+        for m in models:
+            results["models"][m] = _atlas_of(m, stores[m], trained[m], val_data, layers, k, shard_size,
+                                             names, device, seed, options)  # fmt: skip
+            site_writer.add(stores[m])  # its pages are written while the next model is analysed
+            log.info("demo: %s done (%s)", m, stores[m])
+        site = str(site_writer.finish()["index"])
     results["site"] = site
     for r in results["models"].values():
         r["report"] = _join(site.rpartition("/")[0], atlas_slug(r["store"]), "index.html")
@@ -141,9 +123,42 @@ def demo(
     return results
 
 
-def _report(store_urls: list[str], out_dir: str) -> str:
-    """The site of the atlases (a comparison page with two or more); returns its index.html URL."""
-    return str(write_site(store_urls, out_dir)["index"])
+def _atlas_of(
+    m: str,
+    store_url: str,
+    trained: dict[str, Any],
+    val_data: str,
+    layers: str | list[str],
+    k: int,
+    shard_size: int,
+    names: list[str],
+    device: str,
+    seed: int,
+    options: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Sweep and analyse the atlas of trained model `m` (the `atlas` subflow); its demo summary."""
+    runner = shared_runner()
+    sub = atlas.with_options(task_runner=runner) if runner is not None else atlas
+    summary = sub(
+        model=m, data=val_data, store_url=store_url, weights=trained["checkpoint_url"], layers=layers,
+        k=k, shard_size=shard_size, analyses=names, device=device, seed=seed, analysis_options=options,
+    )  # fmt: skip
+    return {
+        "val_accuracy": trained["val_accuracy"],
+        "train_seconds": trained["seconds"],
+        "checkpoint": trained["checkpoint_url"],
+        "store": store_url,
+        "report": None,  # set once the site is written
+        "layers": summary["layers"],
+        "channels": summary["channels"],
+        "images": summary["num_images"],
+        "skipped": summary["skipped"],
+        "atlas_seconds": summary["wall_s"],
+        "images_per_s": summary["images_per_s"],
+        "notable": notable_units(store_url, val_data),
+        "findings": analysis_findings(store_url, names[1:]),
+        "cross_block": cross_block(store_url),
+    }
 
 
 def notable_units(store_url: str, data: str, n: int = 3) -> list[dict[str, Any]]:

@@ -5,6 +5,11 @@ eval mode and every random draw (init, transforms) comes from a generator seeded
 channel rendered alone or inside any batch gets the same image (to float tolerance). The forward pass
 stops at the target layer and the model's parameters get no gradients.
 
+The objective is read from a conv's response before its ReLU (`Response.pre`: the BatchNorm output,
+e.g. `bn1(conv1)`, recorded as the `objective_tensor` attr): it has the same maximizer as the
+post-ReLU activation the sweep ranks (ReLU is monotone, and a BN with γ < 0 is already applied) but a
+gradient where the ReLU is zero, so the optimization can start from the mean image.
+
 Parameterizations: `pixel` optimizes the model input itself (normalized units; the zero image is the
 dataset mean colour), `fft` is lucid's: a 1/f-scaled spectrum, optional colour decorrelation, and a
 sigmoid to [0, 1] RGB. Images come back in display units, RGB in [0, 1] (`x · std + mean` for `pixel`,
@@ -26,7 +31,7 @@ import zarr
 from torch import Tensor, nn
 
 from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError, UnknownLayerError
-from rfcore.layers import capture, list_layers, model_lock, resolve_layers
+from rfcore.layers import capture, list_layers, model_lock, resolve_layers, response_module
 from rfcore.precision import autocast
 from rfcore.receptive import Box, receptive_fields, rf_box
 from rfcore.schema import ArraySpec
@@ -328,6 +333,7 @@ def actmax(
     gens = [torch.Generator().manual_seed(channel_seed(seed, c)) for c in channels]
     image = _Image(cfg, gens, size, mean, std, device)
     rows = torch.tensor(list(channels), device=device)
+    target = response_module(model, layer).pre
     optimizer = torch.optim.Adam([image.param], lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = autocast(device, "bf16" if cfg.amp else "off")
     trace = torch.empty(cfg.steps, len(channels), device=device)
@@ -338,7 +344,7 @@ def actmax(
         for p in frozen:
             p.requires_grad_(False)
         try:
-            with capture(model, [layer], stop_early=True) as cap:
+            with capture(model, [target], stop_early=True) as cap:
                 for step in range(cfg.steps):
                     optimizer.zero_grad(set_to_none=True)
                     x = image.render()
@@ -350,7 +356,7 @@ def actmax(
                                 _transform(leaf[sl], cfg, gens[sl], grey).contiguous(
                                     memory_format=CHANNELS_LAST
                                 )
-                            )[layer]
+                            )[target]
                         if step == 0 and (min(channels) < 0 or max(channels) >= act.shape[1]):
                             raise ActmaxError(f"channels must be in 0-{act.shape[1] - 1} for layer {layer!r}")
                         value = _objective(act, rows[sl], objective)
@@ -364,7 +370,7 @@ def actmax(
                     x = image.render().contiguous(memory_format=CHANNELS_LAST)
                     finals = []
                     for sl in chunks:
-                        act = cap.run(x[sl])[layer]
+                        act = cap.run(x[sl])[target]
                         finals.append(_objective(act, rows[sl], objective))
                     final = torch.cat(finals).cpu()
                     rgb = image.rgb().float().cpu()
@@ -446,6 +452,7 @@ def prepare_actmax(
         "seed": seed,
         "block_size": block_size,
         "channels": info.channels,
+        "objective_tensor": response_module(model, name).pre_tensor,
     }
     c = info.channels
     arrays = [

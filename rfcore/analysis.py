@@ -77,7 +77,12 @@ class Assets(Protocol):
 
     def image(self, name: str, chw: np.ndarray, *, scale: str = "uint8") -> str: ...
     def figure(
-        self, name: str, draw: Callable[[Any], None], *, size: tuple[float, float] = (3, 3)
+        self,
+        name: str,
+        draw: Callable[[Any], None],
+        *,
+        size: tuple[float, float] = (3, 3),
+        projection: str | None = None,  # e.g. "polar": the Axes handed to `draw`
     ) -> str: ...
 
 

@@ -75,12 +75,15 @@ def channel_max(
     normalize: Callable[[Tensor], Tensor],
     device: torch.device | None = None,
 ) -> NDArray[np.float32]:
-    """Per-channel max of `layer`'s output over every position of every image (no sweep needed)."""
+    """Per-channel max of `layer`'s response (`capture(response=True)`: a conv's after its ReLU, as
+    the sweep records it) over every position of every image, in fp32 (no sweep needed)."""
     device = device or next(model.parameters()).device
     module_at(model, layer)  # UnknownLayerError with a suggestion
     best: Tensor | None = None
-    with capture(model, [layer], stop_early=True) as cap:
+    with capture(model, [layer], stop_early=True, response=True) as cap:
         for batch in batches:
+            if not len(batch.images):  # every image of the chunk unreadable
+                continue
             out = cap.run(normalize(batch.images.to(device, non_blocking=True)))[layer]
             m = out.detach().float().transpose(0, 1).flatten(1).amax(dim=1)
             best = m if best is None else torch.maximum(best, m)
@@ -89,20 +92,33 @@ def channel_max(
     return np.asarray(best.cpu().numpy(), dtype=np.float32)
 
 
-def write_inactive(store: AtlasStore, layer: str, threshold: float = 0.0) -> NDArray[np.bool_]:
-    """Detect from the sweep's `layers/<layer>/max`; store `layers/<layer>/inactive` with attrs
-    threshold, num_images (swept images) and count (inactive channels)."""
+def sweep_precision(store: AtlasStore) -> str:
+    """The float type the sweep's shards ran in (`float32`, `bfloat16`, `float16`; recorded in their
+    markers, one for the whole atlas); `float32` when no shard recorded one."""
+    done = sorted(store.done_keys("sweep"))
+    info = ((store.marker(done[0]) or {}).get("info") or {}) if done else {}
+    return str(info.get("precision", "float32"))
+
+
+def write_inactive(
+    store: AtlasStore, layer: str, threshold: float = 0.0, maxima: NDArray[np.float32] | None = None
+) -> NDArray[np.bool_]:
+    """Detect from `maxima` (fp32 channel maxima measured over the swept images), by default the
+    sweep's `layers/<layer>/max`; store `layers/<layer>/inactive` with attrs threshold, num_images
+    (swept images), count (inactive channels) and maxima (`sweep` or `fp32 recomputed`)."""
     atlas = Atlas(store)
     group = atlas.layer(layer).group
     if "max" not in group:
         raise StoreError(f"layer {layer} of {redact(store.url)} has no sweep statistics yet; sweep it first")
-    inactive = detect_inactive(atlas.layer(layer).array("max"), threshold)
+    source = "sweep" if maxima is None else "fp32 recomputed"
+    inactive = detect_inactive(atlas.layer(layer).array("max") if maxima is None else maxima, threshold)
     arr = store.require_array(INACTIVE_SPEC, inactive.shape, inactive.shape, layer=layer)
     arr[:] = inactive
     arr.attrs.update(
         threshold=float(threshold),
         num_images=int(store.run["num_images"]) - len(atlas.skipped),
         count=int(inactive.sum()),
+        maxima=source,
     )
     return inactive
 

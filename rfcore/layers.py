@@ -190,12 +190,16 @@ class Response:
 
     `module` is the module whose output is captured; with `relu`, `max(output, 0)` is taken (the
     ReLU that follows is a module shared by several calls, e.g. ResNet's per-block `relu`).
-    `tensor` says it in words for the layer attrs, e.g. "relu(bn1(conv1))"."""
+    `tensor` says it in words for the layer attrs, e.g. "relu(bn1(conv1))". `pre` is the module
+    whose output is the response before rectification (`pre_tensor`, e.g. "bn1(conv1)"): the
+    act-max objective, which has the response's maximizer but a gradient where the ReLU is 0."""
 
     layer: str
     module: str
     relu: bool
     tensor: str
+    pre: str
+    pre_tensor: str
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (layer attrs `response`)."""
@@ -282,11 +286,12 @@ def response_map(model: nn.Module, input_size: int | None = None) -> dict[str, R
         if j is not None and isinstance(modules[events[j][0]], nn.ReLU):
             relu = events[j][0]
             if calls.get(relu) == 1:
-                out[name] = Response(name, relu, False, f"{_short(relu)}({text})")
+                out[name] = Response(name, relu, False, f"{_short(relu)}({text})", chain[-1], text)
             else:
-                out[name] = Response(name, chain[-1], True, f"relu({text})")
+                out[name] = Response(name, chain[-1], True, f"relu({text})", chain[-1], text)
         else:
-            out[name] = Response(name, chain[-1], False, f"{text} (no ReLU follows it directly)")
+            note = f"{text} (no ReLU follows it directly)"
+            out[name] = Response(name, chain[-1], False, note, chain[-1], text)
     events.clear()
     _RESPONSES[model] = out
     return out
@@ -296,7 +301,7 @@ def response_module(model: nn.Module, layer: str) -> Response:
     """The response captured for `layer` (see `response_map`): for a conv, after the BN and ReLU
     that follow it; any other layer is its own response. For act-max objectives and noise hooks."""
     hit = response_map(model).get(layer)
-    return hit if hit is not None else Response(layer, layer, False, _short(layer))
+    return hit if hit is not None else Response(layer, layer, False, _short(layer), layer, _short(layer))
 
 
 _MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -350,7 +355,7 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
             if not name or name not in modules:
                 raise _unknown(model, name, [n for n in modules if n])
         self.responses = {
-            n: response_module(model, n) if response else Response(n, n, False, _short(n))
+            n: response_module(model, n) if response else Response(n, n, False, _short(n), n, _short(n))
             for n in self.layers
         }
         self._record = list(dict.fromkeys(r.module for r in self.responses.values()))

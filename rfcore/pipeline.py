@@ -153,6 +153,46 @@ def image_arrays(store: AtlasStore) -> tuple[Any, Any]:
     return label, path
 
 
+def image_coords(store: AtlasStore) -> dict[str, np.ndarray]:
+    """The per-image coordinates every layer group gets (`write_coords`): label and path from the
+    root `images/` arrays, and class_name when the root attr `classes` names the classes."""
+    n = int(store.run["num_images"])
+    out: dict[str, np.ndarray] = {}
+    label, path = store.root.get("images/label"), store.root.get("images/path")
+    if isinstance(label, zarr.Array) and label.shape == (n,):
+        out["label"] = np.asarray(label[...], dtype=np.int64)
+        classes = [str(c) for c in store.root.attrs.get("classes") or []]
+        if classes:
+            names = [classes[i] if 0 <= i < len(classes) else "" for i in out["label"].tolist()]
+            out["class_name"] = np.array(names, dtype=object)
+    if isinstance(path, zarr.Array) and path.shape == (n,):
+        out["path"] = np.asarray(path[...], dtype=object)
+    return out
+
+
+def write_coords(store: AtlasStore, layer: str, per_image: dict[str, np.ndarray]) -> None:
+    """Coordinate arrays of a layer (`rfcore.schema.COORD_ARRAYS`) so that `xarray.open_zarr` of
+    `layers/<layer>` or its `topk` group labels image, channel and k, with label, class_name and
+    path along image (listed in the `coordinates` attr of `activation`, the CF convention)."""
+    n, k = int(store.run["num_images"]), int(store.run["config"]["k"])
+    channels = int(store.layer_group(layer).attrs["channels"])
+    chunk = min(max(n, 1), 1 << 16)
+    values: dict[str, np.ndarray] = {
+        "image": np.arange(n, dtype=np.int64),
+        "channel": np.arange(channels, dtype=np.int64),
+        "topk/channel": np.arange(channels, dtype=np.int64),
+        "topk/k": np.arange(k, dtype=np.int64),
+        **per_image,
+    }
+    for path, data in values.items():
+        arr = store.require_array(
+            spec(path), data.shape, (chunk,) if data.shape[0] == n else data.shape, layer=layer
+        )
+        arr[...] = data
+    activation = store.layer_group(layer)["activation"]
+    activation.attrs["coordinates"] = " ".join(p for p in ("label", "class_name", "path") if p in per_image)
+
+
 def layer_geometry(store: AtlasStore, layer: str) -> tuple[PatchGeometry, int, tuple[int, int]]:
     """(patch geometry, channels, feature-map shape) of a layer, from its attrs."""
     attrs = LayerAttrs.from_dict(store.layer_group(layer).attrs.asdict())
@@ -644,10 +684,12 @@ def crop_layers(
                 continue
             part = crop_topk_patches(view, geo, np.where(mine, image, -1), y, x)
             patches[layer][mine] = part[mine]
+    per_image = image_coords(store) if info else {}
     for layer, (geo, image, _, _) in info.items():
         k, p = image.shape[1], geo.size
         arr = store.require_array(spec("topk/patch"), patches[layer].shape, (1, k, 3, p, p), layer=layer)
         arr[...] = patches[layer]
+        write_coords(store, layer, per_image)
         store.set_layer_attrs(layer, complete=True)
         store.mark_done(f"crop/{layer}")
         images = len(np.unique(image[image >= 0]))
@@ -672,6 +714,7 @@ def crop_patches(store_url: str, layer: str, *, dataset: ImageDataset) -> dict[s
     k, p = image.shape[1], geo.size
     arr = store.require_array(spec("topk/patch"), patches.shape, (1, k, 3, p, p), layer=layer)
     arr[...] = patches
+    write_coords(store, layer, image_coords(store))
     store.set_layer_attrs(layer, complete=True)
     store.mark_done(f"crop/{layer}")
     images = len(np.unique(image[image >= 0]))

@@ -255,6 +255,23 @@ IMAGE_ARRAYS: list[ArraySpec] = [
     ),
 ]
 
+# --- Coordinates of the layer groups, so `xarray.open_zarr(url, group="layers/<layer>")` labels its
+# dims (an array named like its dim is xarray's index; `label`, `class_name`, `path` are listed in
+# the `coordinates` attr of `activation`). Written when the layer completes.
+COORD_ARRAYS: list[ArraySpec] = [
+    ArraySpec("image", ("image",), "int64", -1, "coordinate: dataset index of each image"),
+    ArraySpec("channel", ("channel",), "int64", -1, "coordinate: channel index"),
+    ArraySpec(
+        "label", ("image",), "int64", -1, "coordinate: class index of each image (copy of `images/label`)"
+    ),
+    ArraySpec(
+        "class_name", ("image",), "T", "", "coordinate: class name of each image (root attr `classes`)"
+    ),
+    ArraySpec("path", ("image",), "T", "", "coordinate: file of each image (copy of `images/path`)"),
+    ArraySpec("topk/channel", ("channel",), "int64", -1, "coordinate: channel index"),
+    ArraySpec("topk/k", ("k",), "int64", -1, "coordinate: rank of each top-k hit (0 = best)"),
+]
+
 # --- Sweep per-shard reducer state (per layer; removed once the layer is merged) ---------------------
 PARTIAL_ARRAYS: list[ArraySpec] = [
     ArraySpec("partial/topk_value", ("shard", "channel", "k"), "float32", -math.inf, "shard top-k values"),
@@ -313,10 +330,9 @@ FILTER_ARRAYS: list[ArraySpec] = [
     ),
 ]
 
-ARRAYS: dict[str, ArraySpec] = {
-    s.path: s for s in [*SWEEP_ARRAYS, *IMAGE_ARRAYS, *PARTIAL_ARRAYS, *FILTER_ARRAYS]
-}
-if len(ARRAYS) != len(SWEEP_ARRAYS) + len(IMAGE_ARRAYS) + len(PARTIAL_ARRAYS) + len(FILTER_ARRAYS):
+_LISTS = [SWEEP_ARRAYS, COORD_ARRAYS, IMAGE_ARRAYS, PARTIAL_ARRAYS, FILTER_ARRAYS]
+ARRAYS: dict[str, ArraySpec] = {s.path: s for specs in _LISTS for s in specs}
+if len(ARRAYS) != sum(map(len, _LISTS)):
     raise RuntimeError("duplicate ArraySpec path in rfcore.schema")
 
 

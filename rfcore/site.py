@@ -40,6 +40,7 @@ from PIL import Image
 from rfcore.analysis import Analysis, Section, get_analysis, list_analyses
 from rfcore.atlas import Atlas, AtlasLayer, open_atlas
 from rfcore.errors import RfatlasError, StoreError
+from rfcore.memory import retain_freed_memory
 from rfcore.store import redact
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,14 @@ def png_bytes(chw: np.ndarray, scale: str = "uint8") -> bytes:
     return buf.getvalue()
 
 
-def figure_bytes(draw: Callable[[Any], None], size: tuple[float, float] = (3, 3), dpi: int = 80) -> bytes:
-    """PNG of a matplotlib figure (Agg canvas, no pyplot state) with one Axes that `draw` fills."""
+def figure_bytes(
+    draw: Callable[[Any], None],
+    size: tuple[float, float] = (3, 3),
+    dpi: int = 80,
+    projection: str | None = None,
+) -> bytes:
+    """PNG of a matplotlib figure (Agg canvas, no pyplot state) with one Axes (of `projection`)
+    that `draw` fills."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -144,11 +151,25 @@ def figure_bytes(draw: Callable[[Any], None], size: tuple[float, float] = (3, 3)
     FigureCanvasAgg(fig)
     w, h = size  # fixed margins (tight_layout would double the cost of a small plot)
     fig.subplots_adjust(left=min(0.4, 0.7 / w), bottom=min(0.4, 0.55 / h), right=0.97, top=0.95)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(projection=projection)
     draw(ax)
+    for axes in fig.axes:
+        _plain_log_ticks(axes)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Log axes labelled `0.05`, `0.1` instead of mathtext `10^{-1}` and unlabelled minor ticks: the
+    mathtext layout was 3/4 of a small plot's drawing time (and a few decades need no minor labels)."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() == "log":
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=6))
+            axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+            axis.set_minor_formatter(NullFormatter())
 
 
 class SiteAssets:
@@ -173,10 +194,17 @@ class SiteAssets:
             self.out.write(rel, png_bytes(chw, scale))
         return href
 
-    def figure(self, name: str, draw: Callable[[Any], None], *, size: tuple[float, float] = (3, 3)) -> str:
+    def figure(
+        self,
+        name: str,
+        draw: Callable[[Any], None],
+        *,
+        size: tuple[float, float] = (3, 3),
+        projection: str | None = None,
+    ) -> str:
         href, rel = self._rel(name)
         if not self.out.has(rel):
-            self.out.write(rel, figure_bytes(draw, size))
+            self.out.write(rel, figure_bytes(draw, size, projection=projection))
         return href
 
 
@@ -904,6 +932,85 @@ def write_root(
     return "index.html"
 
 
+class SiteWriter:
+    """Writes the site of `urls` while their atlases arrive: `add(url)` starts that atlas's layer
+    pages (in `workers` spawned processes, in the background; with one worker, at once), `finish()`
+    waits for every page and writes the atlas indexes, the comparison page (two or more atlases) and
+    the root. So a pipeline can write one atlas's pages while it computes the next atlas."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        out_url: str,
+        *,
+        layers: Sequence[str] | None = None,
+        workers: int = 1,
+    ) -> None:
+        self.urls = list(urls)
+        if not self.urls:
+            raise SiteError("no atlas to write a site for")
+        self.t0 = time.perf_counter()
+        self.slugs = _slugs(self.urls)
+        self.out_url, self.layers = out_url, layers
+        self.out = SiteOutput(out_url)
+        self._pool: Any = None
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("spawn")  # no fork of zarr's event-loop threads
+            self._pool = ProcessPoolExecutor(workers, mp_context=ctx)
+        self._pages: dict[str, list[Any]] = {}  # slug -> layer summaries, or futures of them
+
+    def add(self, url: str) -> None:
+        """Start the layer pages of atlas `url` (one of `urls`)."""
+        slug = self.slugs[self.urls.index(url)]
+        atlas = open_atlas(url)  # fail early on a bad URL
+        names = tuple(n for n in atlas.layers if self.layers is None or n in self.layers)
+        if self._pool is not None:
+            self._pages[slug] = [
+                self._pool.submit(_layer_job, (url, self.out_url, slug, n, names)) for n in names
+            ]
+        else:
+            ctx = _Ctx(atlas, slug, self.out, image_info(atlas))
+            self._pages[slug] = [_write_layer(ctx, n, names) for n in names]
+
+    def close(self) -> None:
+        """Stop the page processes (pages not started yet are dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> SiteWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the pages (`add`s any atlas not added yet), then write the indexes; returns
+        {"index": URL of index.html, "seconds", "layers": {slug: [summary, ...]}}."""
+        try:
+            for url, slug in zip(self.urls, self.slugs, strict=True):
+                if slug not in self._pages:
+                    self.add(url)
+            summaries = [
+                [p.result() if hasattr(p, "result") else p for p in self._pages[slug]] for slug in self.slugs
+            ]
+        finally:
+            self.close()
+        for url, slug, layer_summaries in zip(self.urls, self.slugs, summaries, strict=True):
+            write_atlas_index(url, self.out_url, slug, layer_summaries)
+        if len(self.urls) > 1:
+            write_compare(self.urls, self.out_url, self.slugs, summaries)
+        write_root(self.out_url, self.urls, self.slugs, summaries)
+        return {
+            "index": self.out.href("index.html"),
+            "seconds": time.perf_counter() - self.t0,
+            "layers": dict(zip(self.slugs, summaries, strict=True)),
+        }
+
+
 def write_site(
     urls: Sequence[str] | str,
     out_url: str,
@@ -916,41 +1023,12 @@ def write_site(
 
     `layers` limits the pages to those layers; `workers` > 1 writes layers in that many processes."""
     urls = [urls] if isinstance(urls, str) else list(urls)
-    if not urls:
-        raise SiteError("no atlas to write a site for")
-    t0 = time.perf_counter()
-    atlases = [open_atlas(u) for u in urls]  # fail early on a bad URL
-    slugs = _slugs(urls)
-    out = SiteOutput(out_url)
-    jobs = []
-    for url, slug, atlas in zip(urls, slugs, atlases, strict=True):
-        names = [n for n in atlas.layers if layers is None or n in layers]
-        jobs += [(url, slug, n, tuple(names)) for n in names]
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("spawn")  # no fork of zarr's event-loop threads
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-            done = list(pool.map(_layer_job, [(u, out_url, sl, n, ls) for u, sl, n, ls in jobs]))
-    else:
-        contexts = {sl: _Ctx(a, sl, out, image_info(a)) for sl, a in zip(slugs, atlases, strict=True)}
-        done = [_write_layer(contexts[sl], n, ls) for _, sl, n, ls in jobs]
-    summaries: list[list[dict[str, Any]]] = [[] for _ in urls]
-    for (_, slug, _, _), summary in zip(jobs, done, strict=True):
-        summaries[slugs.index(slug)].append(summary)
-    for url, slug, layer_summaries in zip(urls, slugs, summaries, strict=True):
-        write_atlas_index(url, out_url, slug, layer_summaries)
-    if len(urls) > 1:
-        write_compare(urls, out_url, slugs, summaries)
-    write_root(out_url, urls, slugs, summaries)
-    return {
-        "index": out.href("index.html"),
-        "seconds": time.perf_counter() - t0,
-        "layers": dict(zip(slugs, summaries, strict=True)),
-    }
+    for url in urls:
+        open_atlas(url)  # fail early on a bad URL, before any page is written
+    return SiteWriter(urls, out_url, layers=layers, workers=workers).finish()
 
 
 def _layer_job(job: tuple[str, str, str, str, tuple[str, ...]]) -> dict[str, Any]:
     url, out_url, slug, layer, names = job
+    retain_freed_memory()  # a spawned page process
     return write_layer(url, out_url, layer, slug=slug, layers=names)

@@ -22,6 +22,8 @@ Labels are `index % 10` (no label noise).
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,6 +168,36 @@ def synthetic_image(split: str, index: int, size: int, resize: int | None = None
     return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), label
 
 
+class _RenderCache:
+    """The last renders of this process, up to `max_bytes` (least recently used out first): analyses
+    and training epochs read the same images again, and a render costs ~1 ms at 64 px, far more
+    than a copy. Memory is bounded, not proportional to the dataset."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[tuple[str, int, int, int], tuple[np.ndarray, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, split: str, index: int, size: int, resize: int) -> tuple[np.ndarray, int]:
+        key = (split, index, size, resize)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit[0].copy(), hit[1]
+        image, label = synthetic_image(split, index, size, resize)
+        with self._lock:
+            if key not in self._items and image.nbytes <= self.max_bytes:
+                self._items[key] = (image.copy(), label)
+                self.bytes += image.nbytes
+                while self.bytes > self.max_bytes:
+                    self.bytes -= self._items.popitem(last=False)[1][0].nbytes
+        return image, label
+
+
+_RENDERS = _RenderCache(128 << 20)
+
+
 class SyntheticDataset(ImageDataset):
     """Procedural images whose 10 classes differ in orientation, spatial frequency and colour, mixed
     with distractors, occluders and 1/f textures (module doc)."""
@@ -178,11 +210,11 @@ class SyntheticDataset(ImageDataset):
         return self.n
 
     def get(self, index: int) -> tuple[np.ndarray, int]:
-        return synthetic_image(self.split, self._check_index(index), self.size, self.resize)
+        return _RENDERS.get(self.split, self._check_index(index), self.size, self.resize)
 
     def get_original(self, index: int) -> tuple[np.ndarray, int]:
         """The whole ``resize`` x ``resize`` render (what training crops from)."""
-        return synthetic_image(self.split, self._check_index(index), self.resize, self.resize)
+        return _RENDERS.get(self.split, self._check_index(index), self.resize, self.resize)
 
     def describe(self, index: int) -> str:
         return f"{self.split}[{index}]"

@@ -11,7 +11,7 @@ from prefect.runtime import task_run
 from rfcore.analysis import Unit, get_analysis
 from rfcore.store import AtlasStore
 from tasks.policy import TASK_OPTIONS
-from tasks.runtime import WorkerResources, configure_threads_from_env
+from tasks.runtime import WorkerResources, configure_worker
 
 
 def unit_label(name: str, key: str) -> str:
@@ -37,7 +37,7 @@ def run_unit(name: str, store_url: str, unit: Unit, device: str = "auto") -> dic
     store = AtlasStore.open(store_url, "r+")
     if store.is_done(unit.key):
         return {"key": unit.key, "cached": True}
-    configure_threads_from_env()
+    configure_worker()
     analysis = get_analysis(name)
     out = analysis.run(store, unit, WorkerResources(store.run, device, labels=analysis.uses_labels))
     store.mark_done(unit.key)

@@ -18,7 +18,7 @@ from prefect import task
 from rfcore import pipeline
 from rfcore.store import AtlasStore
 from tasks.policy import GPU_TAG, TASK_OPTIONS, task_logger
-from tasks.runtime import cached_dataset, cached_model, configure_threads_from_env
+from tasks.runtime import cached_dataset, cached_model, configure_worker
 
 
 def _fingerprint(store_url: str) -> str | None:
@@ -45,7 +45,7 @@ def warm_worker(
     model: str, weights: str | None, device: str, seed: int, data: str, image_size: int, resize: int | None
 ) -> None:
     """Load a run's model and dataset into this worker's caches ahead of its first shard."""
-    configure_threads_from_env()
+    configure_worker()
     cached_model(model, weights, device, seed)
     cached_dataset(data, image_size, resize)
 
@@ -112,7 +112,7 @@ def sweep_shard(
 
     Returns {shard, images, skipped, seconds, cached, worker, load_seconds}."""
     t0 = time.perf_counter()
-    threads = configure_threads_from_env()
+    threads = configure_worker()
     net = cached_model(model, weights, device, seed)  # keyed by the checkpoint's digest
     dataset = cached_dataset(data, image_size, resize, _fingerprint(store_url))
     load = time.perf_counter() - t0
@@ -154,7 +154,7 @@ def sweep_shards(
     event `{shard, images}` on `progress_topic` (the flow's progress bar and artifact, per shard).
     Returns one dict per shard (as `sweep_shard`)."""
     t0 = time.perf_counter()
-    threads = configure_threads_from_env()
+    threads = configure_worker()
     net = cached_model(model, weights, device, seed)
     dataset = cached_dataset(data, image_size, resize)
     load = time.perf_counter() - t0
@@ -193,7 +193,7 @@ def merge_crop(
 ) -> dict[str, Any]:
     """Merge, then crop, a group of layers in one task: merges run concurrently, crops read each
     winning image once for all the group's layers."""
-    configure_threads_from_env()
+    configure_worker()
     t0 = time.perf_counter()
     merged = pipeline.merge_layers(store_url, layers)
     t1 = time.perf_counter()
@@ -222,7 +222,7 @@ def crop_patches(
     store_url: str, layer: str, *, data: str, image_size: int, resize: int | None
 ) -> dict[str, Any]:
     """Top-k patches of a merged layer; re-reads only the winning images."""
-    configure_threads_from_env()
+    configure_worker()
     dataset = cached_dataset(data, image_size, resize, _fingerprint(store_url))
     out = pipeline.crop_patches(store_url, layer, dataset=dataset)
     task_logger().info("cropped %s: %d images re-read in %.2f s", layer, out["images"], out["seconds"])

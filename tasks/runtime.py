@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rfcore.data import ImageDataset, open_dataset
+from rfcore.memory import retain_freed_memory
 from rfcore.models import check_model_matches, get_model, model_meta, select_device, weights_stamp
 
 #: Environment variable the Dask cluster sets on its workers: torch intra-op threads per task.
@@ -106,9 +107,12 @@ def configure_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def configure_threads_from_env() -> int:
-    """Apply `RFATLAS_TORCH_THREADS` (set by `flows.runner` on the workers it starts); returns the
-    number of torch threads in use. Outside such a worker this leaves torch alone."""
+def configure_worker() -> int:
+    """Set up this process for compute tasks (called first by every task; cheap after the first):
+    apply `RFATLAS_TORCH_THREADS` (set by `flows.runner` on the workers it starts; outside such a
+    worker torch is left alone) and keep freed buffers for reuse (`rfcore.memory`). Returns the
+    number of torch threads in use."""
+    retain_freed_memory()
     value = os.environ.get(THREADS_ENV, "")
     if value.isdigit() and int(value) > 0:
         configure_threads(int(value))

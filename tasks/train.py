@@ -10,7 +10,7 @@ from prefect import task
 from rfcore.train import TrainConfig
 from rfcore.train import train as _train
 from tasks.policy import GPU_TAG, TASK_OPTIONS, task_logger
-from tasks.runtime import configure_threads_from_env
+from tasks.runtime import configure_worker
 
 
 def train_config(recipe: str = "quick", **overrides: Any) -> TrainConfig:
@@ -41,7 +41,7 @@ def train_model(
 ) -> dict[str, Any]:
     """Train `model` on `data`; the checkpoint goes to `out_url`. Returns {checkpoint_url, val_accuracy,
     train_loss, epochs, seconds, model}."""
-    threads = configure_threads_from_env()
+    threads = configure_worker()
     config = train_config(recipe, **(overrides or {}))
     result = _train(
         model,

@@ -11,8 +11,10 @@ import numpy as np
 
 from rfcore.analysis import Analysis, Assets, Resources, Section, Unit, atlas_layers, check, register
 from rfcore.atlas import Atlas
+from rfcore.data import iter_batches
 from rfcore.errors import ConfigMismatchError, StoreError
-from rfcore.inactive import INACTIVE_SPEC, read_inactive, write_inactive
+from rfcore.inactive import INACTIVE_SPEC, channel_max, read_inactive, sweep_precision, write_inactive
+from rfcore.models import model_meta
 from rfcore.store import AtlasStore, redact
 
 
@@ -53,6 +55,8 @@ class Inactive(Analysis):
     arrays = (INACTIVE_SPEC,)
     Options: ClassVar[type[Any]] = InactiveOptions
     order = 10
+    uses_model = True  # only to recompute the maxima in fp32 after a bf16/fp16 sweep
+    uses_data = True
 
     def plan(self, store: AtlasStore, opts: InactiveOptions) -> list[Unit]:
         units = []
@@ -67,7 +71,20 @@ class Inactive(Analysis):
 
     def run(self, store: AtlasStore, unit: Unit, res: Resources) -> dict[str, Any]:
         assert unit.layer is not None
-        inactive = write_inactive(store, unit.layer, float(unit.args["threshold"]))
+        maxima = None
+        if sweep_precision(store) != "float32":  # bf16 can round a silent unit's -1e-3 up: redo in fp32
+            model = res.model()
+            batches = iter_batches(
+                res.dataset(), range(int(store.run["num_images"])), int(store.run["config"]["batch_size"])
+            )
+            maxima = channel_max(
+                model,
+                unit.layer,
+                batches,
+                normalize=model_meta(model).preprocessing.normalize,
+                device=res.device,
+            )
+        inactive = write_inactive(store, unit.layer, float(unit.args["threshold"]), maxima)
         return {"layer": unit.layer, "inactive": [int(i) for i in np.flatnonzero(inactive)]}
 
     def finish(self, store: AtlasStore, opts: InactiveOptions) -> dict[str, Any]:

@@ -406,10 +406,15 @@ class Tuning(Analysis):
         ori_curve, sf_curve = surface[:, js], surface[io, :]
 
         def polar(fig: Any) -> None:
+            from matplotlib.ticker import MaxNLocator
+
             ax = canvas(fig, "polar")
             th = np.deg2rad(np.concatenate([oris, oris + 180.0, oris[:1] + 360.0]))
             r = np.concatenate([ori_curve, ori_curve, ori_curve[:1]])
             ax.plot(th, r, "-o", ms=3)
+            ax.set_xticks(np.deg2rad([0, 90, 180, 270]))  # fewer labels: text is most of the drawing time
+            ax.yaxis.set_major_locator(MaxNLocator(3))
+            ax.tick_params(labelsize=7)
             ax.set_title(f"orientation at {ps:.3g} c/px", fontsize=8)
 
         def sf_plot(fig: Any) -> None:
@@ -419,7 +424,7 @@ class Tuning(Analysis):
             ax.set_ylabel("response")
             ax.set_title(f"SF at {po:.0f} deg", fontsize=8)
 
-        a = assets.figure(f"{layer}/c{channel:04d}-tuning-orientation", polar)
+        a = assets.figure(f"{layer}/c{channel:04d}-tuning-orientation", polar, projection="polar")
         b = assets.figure(f"{layer}/c{channel:04d}-tuning-sf", sf_plot)
         vals = {k: float(item(group, k, channel)) for k in _METRICS}
         vals["preferred_sf (cycles/RF)"] = float(read(group, "sf_per_rf")[js])

@@ -98,13 +98,20 @@ class _Assets:
         Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), "RGB").save(self._path(name))
         return f"{name}.png"
 
-    def figure(self, name: str, draw: Callable[[Any], None], *, size: tuple[float, float] = (3, 3)) -> str:
+    def figure(
+        self,
+        name: str,
+        draw: Callable[[Any], None],
+        *,
+        size: tuple[float, float] = (3, 3),
+        projection: str | None = None,
+    ) -> str:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=size)
+        fig, ax = plt.subplots(figsize=size, subplot_kw={"projection": projection})
         try:
             draw(ax)
             fig.savefig(self._path(name))

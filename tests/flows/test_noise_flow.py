@@ -70,7 +70,12 @@ def test_inactive_then_noise_flow_detects_stores_and_resumes(tmp_path: Path, che
     assert found == {"units_run": 1, "threshold": 0.0, "inactive": {"maxpool": DEAD}}
     assert list(analysis("inactive", url, {"layers": "all"}, "cpu")["inactive"]) == ["maxpool", "layer1.0"]
     got, attrs = read_inactive(AtlasStore.open(url, "r"), "maxpool")
-    assert np.flatnonzero(got).tolist() == DEAD and attrs == {"threshold": 0.0, "num_images": N, "count": 3}
+    assert np.flatnonzero(got).tolist() == DEAD and attrs == {
+        "threshold": 0.0,
+        "num_images": N,
+        "count": 3,
+        "maxima": "sweep",
+    }
     summary = analysis("noise", url, {}, "cpu")
     assert summary.pop("units_run") == 12
     assert summary["num_inactive"] == 3 and summary["inactive"] == DEAD and summary["layer"] == "maxpool"

@@ -49,7 +49,14 @@ class FakeAssets:
         self.names.append(name)
         return f"img/{name}.png"
 
-    def figure(self, name: str, draw: Callable[[Any], None], *, size: tuple[float, float] = (3, 3)) -> str:
+    def figure(
+        self,
+        name: str,
+        draw: Callable[[Any], None],
+        *,
+        size: tuple[float, float] = (3, 3),
+        projection: str | None = None,
+    ) -> str:
         import matplotlib
 
         matplotlib.use("Agg")

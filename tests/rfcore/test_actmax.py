@@ -43,12 +43,17 @@ def oriented_filter() -> torch.Tensor:
     return torch.stack([gabor, -0.5 * gabor, 0.25 * gabor])
 
 
-def test_linear_unit_reaches_the_analytic_optimum() -> None:
-    """conv1 is linear in x: max w·x[rf] − λ‖x‖² has x* = w/(2λ) inside the RF and 0 outside."""
+@pytest.mark.parametrize("gamma", [1.5, -1.5])
+def test_linear_unit_reaches_the_analytic_optimum(gamma: float) -> None:
+    """conv1 → bn1 is affine in x: the objective (the pre-ReLU response) γ·w·x + β − λ‖x‖² has
+    x* = γw/(2λ) inside the RF and 0 outside, also for γ < 0 (the BN does not flip the unit), and
+    β < 0 makes the post-ReLU activation 0 at the start: the run must still climb."""
     model = get_model("resnet10t")
-    w, lam = oriented_filter(), 0.5
+    w, lam, beta = oriented_filter(), 0.5, -0.3
     with torch.no_grad():
         model.conv1.weight[3] = w
+        bn = model.bn1
+        bn.weight[3], bn.bias[3], bn.running_mean[3], bn.running_var[3] = gamma, beta, 0.0, 1.0 - bn.eps
     cfg = ActmaxConfig(penalty="l2sq", lam=lam, weight_decay=0.0, lr=0.05, steps=400, size=SIZE)
     res = actmax(model, "conv1", [3], objective="neuron", config=cfg)
     x = model_input(res.image, model)[0]
@@ -56,18 +61,20 @@ def test_linear_unit_reaches_the_analytic_optimum() -> None:
     assert res.position == (16, 16)
     assert res.box is not None and (res.box.y0, res.box.y1, res.box.x0, res.box.x1) == (29, 36, 29, 36)
     inside = x[:, 29:36, 29:36]
-    expected = w / (2 * lam)
+    expected = gamma * w / (2 * lam)
     corr = np.corrcoef(inside.flatten().numpy(), expected.flatten().numpy())[0, 1]
     assert corr > 0.99
-    assert torch.allclose(inside, expected, atol=0.02)
+    assert torch.allclose(inside, expected, atol=0.03)
     outside = x.clone()
     outside[:, 29:36, 29:36] = 0
     assert float(outside.abs().max()) == 0.0
     assert res.crop is not None
     torch.testing.assert_close(res.crop[0], res.image[0, :, 29:36, 29:36])
-    # f(x*) = w·w/(2λ) is the optimum activation; the trace climbs to it
-    torch.testing.assert_close(res.activation[0], (w * w).sum() / (2 * lam), rtol=1e-2, atol=1e-2)
-    assert res.trace.shape == (1, 400) and float(res.trace[0, 0]) == 0.0
+    # f(x*) = γ²·w·w/(2λ) + β is the optimum; the trace climbs to it from β (the mean image)
+    optimum = gamma**2 * (w * w).sum() / (2 * lam) + beta
+    torch.testing.assert_close(res.activation[0], optimum, rtol=1e-2, atol=1e-2)
+    assert res.trace.shape == (1, 400)
+    assert float(res.trace[0, 0]) == pytest.approx(beta, abs=1e-6)
 
 
 def test_l2_penalty_of_eq2_from_the_zero_image_stays_finite() -> None:

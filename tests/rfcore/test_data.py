@@ -366,3 +366,22 @@ def test_ingest_round_trip_s3(s3_bucket: str) -> None:
     ingest("synthetic-train:12", url, size=24, progress=False)
     stored = open_dataset(f"zarr:{url}", size=24)
     assert _all_items(stored) == _all_items(open_dataset("synthetic-train:12", size=24))
+
+
+def test_synthetic_render_cache_is_exact_bounded_and_copies() -> None:
+    """Repeated reads come from a byte-bounded cache: equal to a fresh render, never shared (a
+    caller changing its image changes nothing else), and the oldest renders leave first."""
+    from rfcore.synthetic import _RenderCache, synthetic_image
+
+    cache = _RenderCache(max_bytes=3 * 3 * 32 * 32)  # three 32 px images
+    first, label = cache.get("synthetic", 5, 32, 32)
+    first[...] = 0
+    again, label2 = cache.get("synthetic", 5, 32, 32)
+    fresh, label3 = synthetic_image("synthetic", 5, 32, 32)
+    assert np.array_equal(again, fresh) and label == label2 == label3 and again.any()
+    for i in range(6):
+        cache.get("synthetic", i, 32, 32)
+    assert cache.bytes <= cache.max_bytes and len(cache._items) == 3
+    assert list(cache._items) == [("synthetic", i, 32, 32) for i in (3, 4, 5)]
+    ds = open_dataset("synthetic:8", size=32)
+    assert all(np.array_equal(ds.get(i)[0], synthetic_image("synthetic", i, 32, 32)[0]) for i in range(8))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from rfcore.analysis import run_local
 from rfcore.data import iter_batches, open_dataset
 from rfcore.errors import DataError, StoreError, UnknownLayerError
 from rfcore.inactive import (
@@ -20,7 +22,8 @@ from rfcore.inactive import (
     read_inactive,
     write_inactive,
 )
-from rfcore.models import get_model, model_meta
+from rfcore.models import get_model, model_meta, save_checkpoint
+from rfcore.pipeline import run_sweep
 from rfcore.schema import LayerAttrs, RunAttrs, spec
 from rfcore.store import AtlasStore
 
@@ -99,7 +102,40 @@ def test_write_inactive_stores_mask_threshold_and_image_count() -> None:
     assert mask.tolist() == [True, False, True, False, False]
     got, attrs = read_inactive(AtlasStore.open(store.url, "r"), "maxpool")
     assert got.tolist() == mask.tolist()
-    assert attrs == {"threshold": 0.0, "num_images": 8, "count": 2}
+    assert attrs == {"threshold": 0.0, "num_images": 8, "count": 2, "maxima": "sweep"}
     assert write_inactive(store, "maxpool", threshold=0.1).tolist() == [True, False, True, True, False]
     with pytest.raises(UnknownLayerError, match="no layer"):
         write_inactive(store, "conv1")
+
+
+def test_maxima_of_a_low_precision_sweep_are_recomputed_in_fp32(tmp_path: Path) -> None:
+    """After a bf16 sweep the stored maxima may hold a silent channel's rounded-up pre-activation;
+    the inactive analysis measures the maxima again in fp32 over the swept images (paper's Table 1
+    lives below bf16 resolution). Simulated: the sweep's markers say bfloat16 and its `max` of the
+    dead channels is 1e-3, as a bf16 rounding would leave it."""
+    model = forced_dead_resnet10t()
+    ckpt = str(tmp_path / "dead.pt")
+    save_checkpoint(model, ckpt, config={}, metrics={})
+    url = str(tmp_path / "a.zarr")
+    run_sweep(url, model_name="resnet10t", weights=ckpt, data_spec="synthetic:24", layers=["conv1"],
+              k=2, patch_max=16, shard_size=16, batch_size=8, device="cpu", progress=False)  # fmt: skip
+    store = AtlasStore.open(url, "r+")
+    swept = store.root["layers/conv1/max"][...]
+    assert (swept[DEAD] == 0).all()
+    for key in store.done_keys("sweep"):
+        info = (store.marker(key) or {})["info"]
+        store.mark_done(key, {**info, "precision": "bfloat16"})
+    rounded = swept.copy()
+    rounded[DEAD] = 1e-3
+    store.root["layers/conv1/max"][...] = rounded
+    run_local(url, "inactive", {"layers": "conv1"})
+    mask, attrs = read_inactive(AtlasStore.open(url, "r"), "conv1")
+    assert np.flatnonzero(mask).tolist() == DEAD
+    assert attrs["maxima"] == "fp32 recomputed"
+    # the fp32 maxima are those of the fp32 sweep: recomputing finds what the sweep found
+    ds = open_dataset(
+        "synthetic:24", size=int(store.run["image_size"]), resize=store.run["preprocessing"].get("resize")
+    )
+    again = channel_max(get_model("resnet10t", weights=ckpt).eval(), "conv1", iter_batches(ds, range(24), 8),
+                        normalize=model_meta(model).preprocessing.normalize)  # fmt: skip
+    np.testing.assert_allclose(again, swept, rtol=1e-5, atol=1e-6)

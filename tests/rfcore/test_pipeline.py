@@ -317,3 +317,26 @@ def test_crop_in_small_passes_equals_one_pass(one_shard: str, tmp_path: Path) ->
     for layer in layers:
         path = f"layers/{layer}/topk/patch"
         np.testing.assert_array_equal(read(url, path), read(one_shard, path))
+
+
+def test_plain_xarray_open_zarr_gets_coordinates(one_shard: str) -> None:
+    """`xarray.open_zarr` of a layer group (no rfatlas code) labels image, channel and k, with each
+    image's label, class name and path, so activations group by class."""
+    import xarray as xr
+
+    ds = xr.open_zarr(one_shard, group="layers/layer1.0", consolidated=False, chunks=None)
+    labels = read(one_shard, "images/label")
+    paths = read(one_shard, "images/path")
+    classes = attrs(one_shard)["classes"]
+    assert ds["image"].values.tolist() == list(range(N)) and ds["label"].values.tolist() == labels.tolist()
+    assert ds["channel"].values.tolist() == list(range(ds.sizes["channel"]))
+    assert ds["path"].values.tolist() == paths.tolist()
+    assert ds["class_name"].values.tolist() == [classes[i] for i in labels]
+    assert {"label", "class_name", "path"} <= set(ds.coords) and "activation" in ds.data_vars
+    act = read(one_shard, "layers/layer1.0/activation")
+    by_label = ds["activation"].groupby("label").mean()
+    want = np.stack([act[labels == lab].mean(axis=0) for lab in by_label["label"].values])
+    np.testing.assert_allclose(by_label.values, want, rtol=1e-6)
+    topk = xr.open_zarr(one_shard, group="layers/layer1.0/topk", consolidated=False)
+    assert topk["k"].values.tolist() == list(range(K)) and "channel" in topk.coords
+    assert float(topk["value"].sel(channel=3, k=0)) == read(one_shard, "layers/layer1.0/topk/value")[3, 0]

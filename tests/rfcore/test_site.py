@@ -17,7 +17,7 @@ from PIL import Image
 from rfcore import analysis
 from rfcore.analysis import Analysis, Section
 from rfcore.errors import StoreError
-from rfcore.site import SiteError, to_pixels, write_layer, write_site
+from rfcore.site import SiteError, SiteWriter, to_pixels, write_layer, write_site
 
 _REF = re.compile(r'(?:src|href)="([^"#]+)"')
 
@@ -259,6 +259,26 @@ def test_layers_subset_and_worker_processes(tiny_atlas: tuple[str, dict[str, Any
     write_site([url], str(full))
     for page in full.rglob("*.html"):
         assert (two / page.relative_to(full)).read_text() == page.read_text(), page
+
+
+def test_site_writer_adds_atlases_as_they_arrive(
+    tiny_atlas: tuple[str, dict[str, Any]], tiny_kit: Any, tmp_path: Path
+) -> None:
+    """`SiteWriter.add` starts one atlas's pages in the background (the demo analyses the next model
+    meanwhile); `finish` writes the indexes and the comparison page: the same site as `write_site`."""
+    url, _ = tiny_atlas
+    other = str(tmp_path / "other.zarr")
+    tiny_kit.make(other)
+    staged = tmp_path / "staged"
+    with SiteWriter([url, other], str(staged), workers=2) as writer:
+        writer.add(url)
+        res = writer.finish()  # adds `other`, never added explicitly
+    assert sorted(res["layers"]) == ["other", "tiny"] and (staged / "compare.html").exists()
+    whole = tmp_path / "whole"
+    write_site([url, other], str(whole))
+    for page in whole.rglob("*.html"):
+        assert (staged / page.relative_to(whole)).read_text() == page.read_text(), page
+    check_links(staged)
 
 
 def test_site_on_s3(tiny_atlas: tuple[str, dict[str, Any]], s3_bucket: str) -> None:

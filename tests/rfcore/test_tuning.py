@@ -232,7 +232,9 @@ class FakeAssets:
         self.names.append(name)
         return f"{name}.png"
 
-    def figure(self, name: str, draw: Any, *, size: tuple[float, float] = (3, 3)) -> str:
+    def figure(
+        self, name: str, draw: Any, *, size: tuple[float, float] = (3, 3), projection: str | None = None
+    ) -> str:
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=size)
