@@ -150,7 +150,12 @@ def figure_bytes(
     fig = Figure(figsize=size, dpi=dpi)
     FigureCanvasAgg(fig)
     w, h = size  # fixed margins (tight_layout would double the cost of a small plot)
-    fig.subplots_adjust(left=min(0.4, 0.7 / w), bottom=min(0.4, 0.55 / h), right=0.97, top=0.95)
+    if projection == "polar":  # angle labels all round, the title above them
+        fig.subplots_adjust(left=0.12, bottom=0.1, right=0.88, top=1 - min(0.2, 0.55 / h))
+    else:  # room for a small title
+        fig.subplots_adjust(
+            left=min(0.4, 0.7 / w), bottom=min(0.4, 0.55 / h), right=0.97, top=1 - min(0.15, 0.3 / h)
+        )
     ax = fig.add_subplot(projection=projection)
     draw(ax)
     for axes in fig.axes:

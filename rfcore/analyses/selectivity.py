@@ -302,8 +302,10 @@ class SelectivityAnalysis(Analysis):
             ax.bar(pos, np.nan_to_num(mean), yerr=None if sem is None else np.nan_to_num(sem), color="#48a")
             ax.set_xticks(pos, names, rotation=90, fontsize=6)
             ax.set_ylabel("mean activation")
+            longest = max((len(n) for n in names), default=1)
+            ax.figure.subplots_adjust(bottom=min(0.5, 0.12 + 0.019 * longest))  # room for the class names
 
-        url = assets.figure(f"selectivity-{layer}-{channel}", draw, size=(4, 3))
+        url = assets.figure(f"selectivity-{layer}-{channel}", draw, size=(4, 3.4))
         best = int(np.nanargmax(mean)) if np.isfinite(mean).any() else -1
         text = f"index {float(index):.2f}, p {float(p):.3g}" if index is not None and p is not None else ""
         if best >= 0:
