@@ -35,7 +35,7 @@ from rfcore.models import check_model_matches, get_model, model_meta
 from rfcore.precision import amp_mode
 from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
-from rfcore.store import AtlasStore, lease_tokens
+from rfcore.store import AtlasStore, attrs_of, lease_tokens
 from rfcore.sweep import (
     STATE_KEYS,
     LayerReducer,
@@ -161,7 +161,7 @@ def image_coords(store: AtlasStore) -> dict[str, np.ndarray]:
     label, path = store.root.get("images/label"), store.root.get("images/path")
     if isinstance(label, zarr.Array) and label.shape == (n,):
         out["label"] = np.asarray(label[...], dtype=np.int64)
-        classes = [str(c) for c in store.root.attrs.get("classes") or []]
+        classes = [str(c) for c in attrs_of(store.root).get("classes") or []]
         if classes:
             names = [classes[i] if 0 <= i < len(classes) else "" for i in out["label"].tolist()]
             out["class_name"] = np.array(names, dtype=object)
@@ -175,7 +175,7 @@ def write_coords(store: AtlasStore, layer: str, per_image: dict[str, np.ndarray]
     `layers/<layer>` or its `topk` group labels image, channel and k, with label, class_name and
     path along image (listed in the `coordinates` attr of `activation`, the CF convention)."""
     n, k = int(store.run["num_images"]), int(store.run["config"]["k"])
-    channels = int(store.layer_group(layer).attrs["channels"])
+    channels = int(attrs_of(store.layer_group(layer))["channels"])
     chunk = min(max(n, 1), 1 << 16)
     values: dict[str, np.ndarray] = {
         "image": np.arange(n, dtype=np.int64),
