@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/end_to_end.py                          # CPU, resnet34, default layers
     .venv/bin/python bench/end_to_end.py --layers all-conv
-    .venv/bin/python bench/end_to_end.py --model resnet10t --sizes 32 --fixed   # fixed cost of a small run
+    .venv/bin/python bench/end_to_end.py --model resnet10t --sizes 32 --verbose-exit   # fixed cost of a small run
     .venv/bin/python bench/end_to_end.py --device cuda --sizes 1024,4096 --shard-size 512 --batch-size 128
 
 What it measures (alternating the sides, medians over `--repeats`):

@@ -15,9 +15,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.cluster.hierarchy import fcluster, linkage
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.metrics import silhouette_score
 
 from rfcore.errors import DataError
 from rfcore.selectivity import class_stats
@@ -98,6 +95,8 @@ def _silhouette(x: F64, labels: I64, seed: int) -> float:
     if len(np.unique(labels)) < 2 or len(np.unique(labels)) > x.shape[0] - 1:
         return float("nan")
     sample = _SILHOUETTE_SAMPLE if x.shape[0] > _SILHOUETTE_SAMPLE else None
+    from sklearn.metrics import silhouette_score  # imported on use: 1.4 s of every CLI start otherwise
+
     return float(silhouette_score(x, labels, sample_size=sample, random_state=seed))
 
 
@@ -107,6 +106,8 @@ def kmeans(
     """(labels, centroids) of k-means with k clusters: `KMeans` (k-means++, `n_init` starts), or for more
     than `minibatch_above` items `MiniBatchKMeans.partial_fit` over chunks of `batch_rows` rows
     (10 passes), so the items need not be clustered in one batch."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
     if x.shape[0] <= minibatch_above:
         km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
         return km.labels_.astype(np.int64), np.asarray(km.cluster_centers_, dtype=np.float64)
@@ -150,6 +151,8 @@ def cluster_items(
             x, int(k), seed=seed, n_init=n_init, minibatch_above=minibatch_above, batch_rows=batch_rows
         )
         km_sil[i] = _silhouette(x, fits[int(k)][0], seed)
+    from scipy.cluster.hierarchy import fcluster, linkage
+
     z = linkage(x, method="ward") if len(members) >= 2 else np.zeros((0, 4))
     ward_fits: dict[int, I64] = {}
     for i, k in enumerate(ks):
