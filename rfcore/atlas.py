@@ -130,21 +130,27 @@ class AtlasLayer:
         coords: dict[str, Any] = {d: np.arange(sizes[d]) for d in ("image", "channel", "k") if d in dims}
         if "image" not in dims:
             return coords
-        root, n = self._store.root, sizes["image"]
-        label, path = root.get("images/label"), root.get("images/path")
-        if isinstance(label, zarr.Array) and label.shape == (n,):
-            labels = np.asarray(label[...]).astype(np.int64)
-            coords["label"] = ("image", labels)
-            classes = attrs_of(root).get("classes")
-            if isinstance(classes, list) and classes:
-                names = [str(classes[i]) if 0 <= i < len(classes) else "" for i in labels.tolist()]
-                coords["class_name"] = ("image", np.array(names, dtype=object))
-        if isinstance(path, zarr.Array) and path.shape == (n,):
-            coords["path"] = (
-                "image",
-                np.array([str(p) for p in np.asarray(path[...]).tolist()], dtype=object),
-            )
+        per_image = image_coords(self._store.root, sizes["image"])
+        coords.update({name: ("image", values) for name, values in per_image.items()})
         return coords
+
+
+def image_coords(root: zarr.Group, n: int) -> dict[str, np.ndarray]:
+    """Per-image coordinates of an atlas of `n` images: `label` and `path` (root `images/` arrays)
+    and `class_name` when the root attr `classes` names the classes; those the store lacks are left
+    out. The layer groups' coordinate arrays (`rfcore.pipeline.write_coords`) and
+    `AtlasLayer.to_xarray` both come from here."""
+    out: dict[str, np.ndarray] = {}
+    label, path = root.get("images/label"), root.get("images/path")
+    if isinstance(label, zarr.Array) and label.shape == (n,):
+        out["label"] = np.asarray(label[...]).astype(np.int64)
+        classes = attrs_of(root).get("classes")
+        if isinstance(classes, list) and classes:
+            names = [str(classes[i]) if 0 <= i < len(classes) else "" for i in out["label"].tolist()]
+            out["class_name"] = np.array(names, dtype=object)
+    if isinstance(path, zarr.Array) and path.shape == (n,):
+        out["path"] = np.array([str(p) for p in np.asarray(path[...]).tolist()], dtype=object)
+    return out
 
 
 class Atlas:

@@ -20,6 +20,7 @@ import torch
 import zarr
 from torch import nn
 
+from rfcore.atlas import image_coords
 from rfcore.data import (
     BadImageError,
     ImageDataset,
@@ -151,23 +152,6 @@ def image_arrays(store: AtlasStore) -> tuple[Any, Any]:
     label = store.require_array(spec("images/label"), (n,), (chunk,))
     path = store.require_array(spec("images/path"), (n,), (chunk,))
     return label, path
-
-
-def image_coords(store: AtlasStore) -> dict[str, np.ndarray]:
-    """The per-image coordinates every layer group gets (`write_coords`): label and path from the
-    root `images/` arrays, and class_name when the root attr `classes` names the classes."""
-    n = int(store.run["num_images"])
-    out: dict[str, np.ndarray] = {}
-    label, path = store.root.get("images/label"), store.root.get("images/path")
-    if isinstance(label, zarr.Array) and label.shape == (n,):
-        out["label"] = np.asarray(label[...], dtype=np.int64)
-        classes = [str(c) for c in attrs_of(store.root).get("classes") or []]
-        if classes:
-            names = [classes[i] if 0 <= i < len(classes) else "" for i in out["label"].tolist()]
-            out["class_name"] = np.array(names, dtype=object)
-    if isinstance(path, zarr.Array) and path.shape == (n,):
-        out["path"] = np.asarray(path[...], dtype=object)
-    return out
 
 
 def write_coords(store: AtlasStore, layer: str, per_image: dict[str, np.ndarray]) -> None:
@@ -684,7 +668,7 @@ def crop_layers(
                 continue
             part = crop_topk_patches(view, geo, np.where(mine, image, -1), y, x)
             patches[layer][mine] = part[mine]
-    per_image = image_coords(store) if info else {}
+    per_image = image_coords(store.root, int(store.run["num_images"])) if info else {}
     for layer, (geo, image, _, _) in info.items():
         k, p = image.shape[1], geo.size
         arr = store.require_array(spec("topk/patch"), patches[layer].shape, (1, k, 3, p, p), layer=layer)
@@ -714,7 +698,7 @@ def crop_patches(store_url: str, layer: str, *, dataset: ImageDataset) -> dict[s
     k, p = image.shape[1], geo.size
     arr = store.require_array(spec("topk/patch"), patches.shape, (1, k, 3, p, p), layer=layer)
     arr[...] = patches
-    write_coords(store, layer, image_coords(store))
+    write_coords(store, layer, image_coords(store.root, int(store.run["num_images"])))
     store.set_layer_attrs(layer, complete=True)
     store.mark_done(f"crop/{layer}")
     images = len(np.unique(image[image >= 0]))
