@@ -16,7 +16,6 @@ import zarr
 
 from rfcore.analyses.tuning import (
     array_node,
-    attrs_of,
     item,
     layer_geometry,
     read,
@@ -39,7 +38,7 @@ from rfcore.models import model_meta
 from rfcore.revcorr import RevcorrReducer, accumulate, agreement, box_features, box_spec, predicted_surface
 from rfcore.schema import ArraySpec
 from rfcore.stimuli import GratingSet, log_sfs, orientations, phases
-from rfcore.store import AtlasStore
+from rfcore.store import AtlasStore, attrs_of
 from rfcore.tuning import preferred, rf_centre
 
 _IMG = ("channel", "rc_color", "ry", "rx")

@@ -29,7 +29,7 @@ from rfcore.atlas import Atlas
 from rfcore.models import model_meta
 from rfcore.schema import ArraySpec
 from rfcore.stimuli import COLOUR_AXES, GratingSet, log_sfs, orientations, phases
-from rfcore.store import AtlasStore
+from rfcore.store import AtlasStore, attrs_of
 from rfcore.tuning import CRITERIA, measure_responses, phase_summary, rf_centre, tuning_metrics
 
 _SURFACE_DIMS = ("channel", "axis", "contrast", "orientation", "sf")
@@ -159,12 +159,6 @@ def array_node(group: zarr.Group, name: str) -> zarr.Array[Any]:
 def read(group: zarr.Group, name: str) -> np.ndarray:
     """The whole array `name` of `group` as numpy."""
     return np.asarray(array_node(group, name)[...])
-
-
-def attrs_of(node: zarr.Group | zarr.Array[Any]) -> dict[str, Any]:
-    """A node's attributes as a plain dict."""
-    out: dict[str, Any] = dict(node.attrs.asdict())
-    return out
 
 
 def item(group: zarr.Group, name: str, index: int) -> Any:
