@@ -33,7 +33,6 @@ from rfcore.data import SkippedImage, check_run_labels
 from rfcore.errors import RfatlasError
 from rfcore.models import select_device
 from rfcore.pipeline import DEFAULT_SHARD_SIZE
-from rfcore.schema import sweep_shard_key
 from rfcore.store import AtlasStore, redact
 from tasks import atlas as T
 
@@ -218,8 +217,7 @@ def atlas(
     with hold_lease(store):
         record_flow_run(store)  # the site links each atlas to the run that made it
         n, total = plan["num_shards"], plan["num_images"]
-        done = store.done_keys("sweep")
-        pending = [s for s in range(n) if sweep_shard_key(s) not in done]
+        pending = store.pending_shards()
         sizes = [min(plan["shard_size"], total - s * plan["shard_size"]) for s in range(n)]
         resumed = sum(sizes[s] for s in range(n) if s not in pending)
         log.info(
@@ -241,8 +239,8 @@ def atlas(
         # Every shard is submitted: finished ones return at once (cached) with their skipped images,
         # so a resumed run still records the skipped files of shards an earlier run swept. Shards go
         # in contiguous groups, one task each (a pipeline on the worker: decoding ahead, each shard
-        # written while the next computes, one marker per shard), about 2 tasks per worker; each
-        # finished shard is announced as a Dask event, so progress still moves shard by shard.
+        # written while the next computes, one state row and marker per group), about 2 tasks per
+        # worker; each finished shard is announced as a Dask event, so progress moves shard by shard.
         workers = _worker_count(_current_runner())
         groups = _shard_groups(pending, workers) + _shard_groups([s for s in range(n) if s not in pending], 1)
         reported: set[int] = set()

@@ -207,7 +207,7 @@ def describe_store(url: str, *, storage_options: Mapping[str, Any] | None = None
     atlas = open_atlas(url, storage_options=storage_options)
     run, cfg = atlas.run, atlas.run["config"]
     n_shards = atlas.store.num_shards
-    done = len(atlas.store.done_keys("sweep") & {sweep_shard_key(i) for i in range(n_shards)})
+    done = n_shards - len(atlas.store.pending_shards())
     lines = [
         f"atlas {redact(url)} (schema {SCHEMA_VERSION})",
         f"model {run['model']} (weights {run.get('weights')}) on {run['dataset']}: "
@@ -242,9 +242,7 @@ def verify_store(url: str, *, storage_options: Mapping[str, Any] | None = None) 
     except StoreError as exc:
         return [str(exc)]
     problems = []
-    missing = sorted(
-        {sweep_shard_key(i) for i in range(atlas.store.num_shards)} - atlas.store.done_keys("sweep")
-    )
+    missing = [sweep_shard_key(i) for i in atlas.store.pending_shards()]
     if missing:
         more = ", ..." if len(missing) > 5 else ""
         problems.append(f"{len(missing)} sweep shard(s) not done: {', '.join(missing[:5])}{more}")

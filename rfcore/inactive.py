@@ -95,7 +95,7 @@ def channel_max(
 def sweep_precision(store: AtlasStore) -> str:
     """The float type the sweep's shards ran in (`float32`, `bfloat16`, `float16`; recorded in their
     markers, one for the whole atlas); `float32` when no shard recorded one."""
-    done = sorted(store.done_keys("sweep"))
+    done = sorted(set(store.swept_shards().values()))
     info = ((store.marker(done[0]) or {}).get("info") or {}) if done else {}
     return str(info.get("precision", "float32"))
 

@@ -1,9 +1,10 @@
 """Storage-facing sweep steps (no Prefect): prepare the atlas, sweep shards, merge layers, crop patches.
 
 Every step is idempotent and resumable through the store's completion markers:
-`sweep/shard-NNNN`, `merge/<layer>`, `crop/<layer>`. Shards are contiguous index ranges whose size
-is a multiple of the batch size, so any sharding sees the same batches and merging the per-shard
-reducer states (`partial/*`, one row per shard) gives the same bits as a single pass.
+`sweep/shard-NNNN` (one per group of shards swept together), `merge/<layer>`, `crop/<layer>`.
+Shards are contiguous index ranges whose size is a multiple of the batch size, so any sharding sees
+the same batches and merging the groups' reducer states (`partial/*`, one row per group, at its
+first shard) gives the same bits as a single pass.
 """
 
 from __future__ import annotations
@@ -257,19 +258,27 @@ class _ShardWriter:
         return arr
 
     def submit(
-        self, shard_id: int, jobs: list[Callable[[], None]], done: Callable[[], None], info: Mapping[str, Any]
+        self,
+        jobs: list[Callable[[], None]],
+        marker: tuple[str, Mapping[str, Any]] | None = None,
+        done: Callable[[], None] | None = None,
     ) -> Any:
+        """Run `jobs` concurrently, after everything submitted before; then write `marker`
+        (key, info), if any, and call `done`."""
+
         def write() -> None:
             t0 = time.perf_counter()
             for f in [self._pool.submit(job) for job in jobs]:
                 f.result()
-            self.store.check_lease(self._tokens)  # a run that lost the lease marks nothing done
-            self.store.mark_done(sweep_shard_key(shard_id), info)
+            if marker is not None:
+                self.store.check_lease(self._tokens)  # a run that lost the lease marks nothing done
+                self.store.mark_done(*marker)
             self.seconds += time.perf_counter() - t0
             try:
-                done()
+                if done is not None:
+                    done()
             except Exception:  # a progress callback never fails a written shard
-                logging.getLogger("rfatlas.pipeline").warning("shard %d: progress callback failed", shard_id)
+                logging.getLogger("rfatlas.pipeline").warning("progress callback failed", exc_info=True)
 
         fut = self._serial.submit(write)
         self._pending.append(fut)
@@ -298,7 +307,7 @@ def sweep_shard(
     num_workers: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Sweep one shard: activation rows and `partial/*` rows of every layer, then its marker.
+    """Sweep one shard: activation rows and a `partial/*` row of every layer, then its marker.
 
     `amp`: None runs at the atlas's recorded precision (run identity); another mode is an error.
     Returns {shard, images, skipped: [{index, path, reason}], seconds, cached}; the caller records
@@ -322,14 +331,21 @@ def sweep_shards(
     on_batch: Callable[[int], None] | None = None,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
     prefetch: int = 2,
+    checkpoint_seconds: float = 300.0,
 ) -> list[dict[str, Any]]:
     """Sweep several shards back to back, as one pipeline: the next batches are decoded in a
-    background thread (across shard boundaries) while the model runs, and each finished shard is
-    written (one write per array, then its marker) from a background thread while the next one
-    computes. Each shard's data and marker are exactly those of `sweep_shard`.
+    background thread (across shard boundaries) while the model runs, and each finished shard's
+    activation rows are written (one write per array) from a background thread while the next one
+    computes.
+
+    The reducers run on across shards: the shards swept in (about) `checkpoint_seconds` form a
+    group whose merged state is written once, as `partial/*` row L (L its first shard), followed by
+    one marker `sweep/shard-L` listing the group's shards (`AtlasStore.swept_shards`). Merging is
+    exact in any grouping, so the results are the same bits as shard by shard, with a fraction of
+    the state writes and reads; a killed run redoes at most the unmarked groups.
 
     Returns one dict per shard, in `shard_ids` order: {shard, images, skipped, seconds, cached,
-    timings: {data, compute, write}}; `on_shard(result)` is called as each shard's marker is written
+    timings: {data, compute, write}}; `on_shard(result)` is called as each shard's rows are written
     (from the writer thread), `on_batch(n)` per batch."""
     t_start = time.perf_counter()
     store = AtlasStore.open(store_url, "r+")
@@ -351,12 +367,12 @@ def sweep_shards(
     check_data_matches(dataset, store.run)
     if len(dataset) != num_images:
         raise StoreError(f"dataset has {len(dataset)} images but the atlas was made for {num_images}")
-    done = store.done_keys("sweep")
+    done = store.swept_shards()
     results: dict[int, dict[str, Any]] = {}
     todo: list[int] = []
     for shard_id in shard_ids:
         rows = shards[shard_id]
-        if sweep_shard_key(shard_id) in done:
+        if shard_id in done:
             if on_batch is not None:
                 on_batch(len(rows))
             results[shard_id] = {
@@ -378,7 +394,7 @@ def sweep_shards(
     merged = {key.partition("/")[2] for key in store.done_keys("merge")}
     chunk_lists = [_index_chunks(shards[s], batch_size) for s in todo]
 
-    def new_runner() -> SweepRunner:  # fresh reducers per shard
+    def new_runner() -> SweepRunner:  # fresh reducers per group
         return SweepRunner(
             model,
             {n: g for n, (g, _, _) in geos.items()},
@@ -400,12 +416,15 @@ def sweep_shards(
     )
     ok = False
     t_first = time.perf_counter()
+    group: list[int] = []
+    t_group = t_first
     try:
         for i, (shard_id, chunks) in enumerate(zip(todo, chunk_lists, strict=True)):
             t0 = time.perf_counter()
             rows = shards[shard_id]
-            if i:
-                runner = new_runner()
+            if not group:
+                t_group = t0
+            group.append(shard_id)
             act = {n: np.full((len(rows), c), np.nan, np.float32) for n, (_, c, _) in geos.items()}
             labels = np.full(len(rows), -1, np.int64)
             skipped: list[dict[str, Any]] = []
@@ -426,12 +445,9 @@ def sweep_shards(
                 t_compute += time.perf_counter() - t2
                 if on_batch is not None:
                     on_batch(int(batch.indices.numel()) + len(batch.skipped))
-            states = {name: runner.reducers[name].state_dict() for name in layers if name not in merged}
-            jobs = _shard_jobs(store, writer, shard_id, rows, geos, act, states, shard_size, num_images, k)
+            jobs = _row_jobs(store, writer, rows, geos, act, shard_size, num_images)
             paths = np.array([dataset.describe(i) for i in rows], dtype="T")
             jobs.append(functools.partial(_write_images, store, rows, labels, paths))
-            nonfinite = {name: idx for name, idx in runner.nonfinite.items() if idx}
-            info: dict[str, Any] = {"precision": precision, **({"nonfinite": nonfinite} if nonfinite else {})}
             result = {
                 "shard": shard_id,
                 "images": images,
@@ -446,7 +462,20 @@ def sweep_shards(
                 if on_shard is not None:
                     on_shard(result)
 
-            writer.submit(shard_id, jobs, finished, info)
+            writer.submit(jobs, done=finished)
+            if i == len(todo) - 1 or time.perf_counter() - t_group >= checkpoint_seconds:
+                states = {name: runner.reducers[name].state_dict() for name in layers if name not in merged}
+                nonfinite = {name: idx for name, idx in runner.nonfinite.items() if idx}
+                info: dict[str, Any] = {
+                    "precision": precision,
+                    "shards": group,
+                    **({"nonfinite": nonfinite} if nonfinite else {}),
+                }
+                state_jobs = _state_jobs(store, writer, group[0], states)
+                writer.submit(state_jobs, marker=(sweep_shard_key(group[0]), info))
+                group = []
+                if i < len(todo) - 1:
+                    runner = new_runner()
         ok = True
     finally:
         stream.close()
@@ -468,20 +497,17 @@ def _write_images(store: AtlasStore, rows: range, labels: np.ndarray, paths: np.
     path_arr[rows.start : rows.stop] = paths
 
 
-def _shard_jobs(
+def _row_jobs(
     store: AtlasStore,
     writer: _ShardWriter,
-    shard_id: int,
     rows: range,
     geos: dict[str, tuple[PatchGeometry, int, tuple[int, int]]],
     act: dict[str, np.ndarray],
-    states: dict[str, dict[str, np.ndarray]],
     shard_size: int,
     num_images: int,
-    k: int,
 ) -> list[Callable[[], None]]:
-    """One write job per array of a shard (activation rows of every layer, partial rows of every
-    layer not merged yet); each opens its array once per sweep (cached by the writer)."""
+    """One write job per layer: the shard's rows of its `activation` (arrays opened once per sweep,
+    cached by the writer)."""
     jobs: list[Callable[[], None]] = []
     for name, (_, channels, _) in geos.items():
 
@@ -496,7 +522,16 @@ def _shard_jobs(
             arr[rows.start : rows.stop] = act[name]
 
         jobs.append(write_act)
-        for key, value in states.get(name, {}).items():
+    return jobs
+
+
+def _state_jobs(
+    store: AtlasStore, writer: _ShardWriter, row: int, states: dict[str, dict[str, np.ndarray]]
+) -> list[Callable[[], None]]:
+    """One write job per reducer state array of every layer: row `row` of `partial/<key>`."""
+    jobs: list[Callable[[], None]] = []
+    for name, state in states.items():
+        for key, value in state.items():
 
             def write_part(name: str = name, key: str = key, value: np.ndarray = value) -> None:
                 arr = writer._array(
@@ -509,7 +544,7 @@ def _shard_jobs(
                         layer=name,
                     ),
                 )
-                arr[shard_id] = value
+                arr[row] = value
 
             jobs.append(write_part)
     return jobs
@@ -523,7 +558,8 @@ def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
     if store.is_done(f"merge/{layer}"):
         store.remove("partial", layer=layer)  # in case an earlier run stopped right after its marker
         return {"layer": layer, "seconds": 0.0, "cached": True}
-    missing = [s for s in range(store.num_shards) if not store.is_done(sweep_shard_key(s))]
+    swept = store.swept_shards()
+    missing = [s for s in range(store.num_shards) if s not in swept]
     if missing:
         raise StoreError(
             f"cannot merge layer {layer}: shard(s) {', '.join(map(str, missing[:8]))} not swept yet"
@@ -531,10 +567,10 @@ def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
     geo, channels, _ = layer_geometry(store, layer)
     k = int(store.run["config"]["k"])
     parts = _partial_arrays(store, layer, geo, channels)
-    whole = _read_all({key: parts[key] for key in STATE_KEYS})  # one read per array, all concurrently
     total = LayerReducer(channels, geo, k=k)
-    for s in range(store.num_shards):
-        total.merge(LayerReducer.from_state_dict({key: whole[key][s] for key in STATE_KEYS}, geo))
+    for key in sorted(set(swept.values())):  # one state row per group, in shard order
+        row = _read_all({name: parts[name] for name in STATE_KEYS}, where=int(key.rpartition("-")[2]))
+        total.merge(LayerReducer.from_state_dict(row, geo))
     res = total.result()
     value = np.where(res.topk_image < 0, np.float32(np.nan), res.topk_value).astype(np.float32)
     p = geo.size
@@ -566,7 +602,7 @@ def _check_precision(store: AtlasStore, runner: SweepRunner) -> str:
     from rfcore.precision import autocast_dtype
 
     precision = str(autocast_dtype(runner.device, runner.amp) or torch.float32).removeprefix("torch.")
-    done = sorted(store.done_keys("sweep"))
+    done = sorted(set(store.swept_shards().values()))
     before = ((store.marker(done[0]) or {}).get("info") or {}).get("precision") if done else None
     if before is not None and before != precision:
         raise StoreError(
@@ -582,8 +618,8 @@ def _nonfinite_attrs(store: AtlasStore, layer: str) -> dict[str, Any]:
     {nonfinite_images, nonfinite_examples, precision}."""
     found: list[int] = []
     precisions: set[str] = set()
-    for s in range(store.num_shards):
-        info = (store.marker(sweep_shard_key(s)) or {}).get("info") or {}
+    for key in sorted(set(store.swept_shards().values())):
+        info = (store.marker(key) or {}).get("info") or {}
         found += [int(i) for i in info.get("nonfinite", {}).get(layer, [])]
         precisions |= {str(info["precision"])} if "precision" in info else set()
     if len(precisions) > 1:
@@ -595,12 +631,13 @@ def _nonfinite_attrs(store: AtlasStore, layer: str) -> dict[str, Any]:
     return {"nonfinite_images": len(found), "nonfinite_examples": sorted(found)[:10], **precision}
 
 
-def _read_all(arrays: dict[str, Any], threads: int = 8) -> dict[str, np.ndarray]:
-    """Every array read whole, concurrently (Zarr decodes chunks outside the GIL)."""
+def _read_all(arrays: dict[str, Any], threads: int = 8, where: Any = Ellipsis) -> dict[str, np.ndarray]:
+    """`array[where]` of every array (default: whole), concurrently (Zarr decodes chunks outside
+    the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def read(array: Any) -> np.ndarray:
-        return np.asarray(array[...])
+        return np.asarray(array[where])
 
     with ThreadPoolExecutor(max_workers=min(threads, max(1, len(arrays)))) as pool:
         futures = {key: pool.submit(read, arr) for key, arr in arrays.items()}

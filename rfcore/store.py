@@ -689,6 +689,26 @@ class AtlasStore:
             done |= self.done_keys(prefix)
         return [k for k in keys if k not in done]
 
+    def swept_shards(self) -> dict[int, str]:
+        """Swept shard id -> the marker that records it. A sweep marker `sweep/shard-L` covers the
+        shards listed in its info's `shards` (a group swept together, whose merged reducer state is
+        row L of the layers' `partial/*` arrays), by default L alone: one marker per group makes a
+        group's shards done together or not at all."""
+        out: dict[int, str] = {}
+        for key in sorted(self.done_keys("sweep")):
+            stem = key.rpartition("-")[2]
+            if not (key.startswith("sweep/shard-") and stem.isdigit()):
+                continue
+            info = (self.marker(key) or {}).get("info") or {}
+            for shard in info.get("shards", [int(stem)]):
+                out[int(shard)] = key
+        return out
+
+    def pending_shards(self) -> list[int]:
+        """Sweep shards not swept yet, in order."""
+        swept = self.swept_shards()
+        return [s for s in range(self.num_shards) if s not in swept]
+
     # --- attrs --------------------------------------------------------------------------------
     def set_layer_attrs(self, layer: str, **attrs: Any) -> None:
         """Update attrs of `layers/<layer>` (e.g. `complete=True`)."""

@@ -149,8 +149,8 @@ def sweep_shards(
     progress_topic: str | None = None,
 ) -> list[dict[str, Any]]:
     """Several shards as one pipeline (`rfcore.pipeline.sweep_shards`: decoding ahead, each shard
-    written while the next computes); each shard still writes its own marker, so resume and retries
-    redo only unmarked shards. On a Dask worker, each finished shard is also announced as a Dask
+    written while the next computes, the reducer state written once per group of shards with one
+    marker listing them), so resume and retries redo only unmarked groups. On a Dask worker, each finished shard is also announced as a Dask
     event `{shard, images}` on `progress_topic` (the flow's progress bar and artifact, per shard).
     Returns one dict per shard (as `sweep_shard`)."""
     t0 = time.perf_counter()

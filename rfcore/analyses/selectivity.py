@@ -25,7 +25,7 @@ from rfcore.analysis import (
 )
 from rfcore.atlas import Atlas
 from rfcore.errors import StoreError
-from rfcore.schema import ArraySpec, sweep_shard_key
+from rfcore.schema import ArraySpec
 from rfcore.selectivity import NEGATIVE_MODES, SPARSENESS_OVER, category_selectivity, distribution
 from rfcore.store import AtlasStore, redact
 
@@ -37,8 +37,7 @@ GROUP = "selectivity"
 
 def labelled(store: AtlasStore) -> tuple[np.ndarray, list[str]]:
     """(labels, class names) of the atlas; AnalysisError if the sweep is unfinished or unlabelled."""
-    shards = [sweep_shard_key(i) for i in range(store.num_shards)]
-    if store.pending(shards):
+    if store.pending_shards():
         raise AnalysisError(f"the sweep of {redact(store.url)} is not finished; run it first")
     atlas = Atlas(store)
     try:

@@ -13,7 +13,8 @@ import rfcore
 from rfcore.data import BadImageError, ImageDataset, open_dataset
 from rfcore.errors import ConfigMismatchError, StoreError
 from rfcore.models import get_model
-from rfcore.pipeline import crop_patches, merge_layer, prepare_store, run_sweep, sweep_shard
+from rfcore.pipeline import crop_patches, merge_layer, prepare_store, run_sweep, sweep_shard, sweep_shards
+from rfcore.store import AtlasStore
 from rfcore.sweep import SweepConfig, crop_topk_patches, sweep_dataset
 
 MODEL, DATA, N, BATCH, K = "resnet10t", "synthetic:24", 24, 6, 4
@@ -110,6 +111,30 @@ def test_rerun_after_lost_shard_marker_gives_same_store(one_shard: str, tmp_path
     assert sweep(url, 12)["images"] == 12  # only shard 1 is swept again
     assert_same_arrays(one_shard, url)
     assert sweep(url, 12)["images"] == 0  # everything done: nothing recomputed
+
+
+def test_a_group_of_shards_has_one_state_row_and_one_marker(one_shard: str, tmp_path: Path) -> None:
+    """Shards swept together keep one reducer state (row = first shard) and one marker listing them;
+    a group killed before its marker is swept again as a whole, to the same bits."""
+    url = str(tmp_path / "groups")
+    prepare_store(url, model_name=MODEL, weights=None, data_spec=DATA, layers=LAYERS, k=K,
+                  shard_size=BATCH, batch_size=BATCH)  # fmt: skip
+    model, ds = get_model(MODEL), open_dataset(DATA, size=64)
+    sweep_shards(url, [0, 1], model=model, dataset=ds, device="cpu")
+    sweep_shards(url, [2, 3], model=model, dataset=ds, device="cpu", checkpoint_seconds=0.0)
+    store = AtlasStore.open(url)
+    assert store.swept_shards() == {0: "sweep/shard-0000", 1: "sweep/shard-0000", 2: "sweep/shard-0002",
+                                    3: "sweep/shard-0003"}  # fmt: skip
+    assert (store.marker("sweep/shard-0000") or {})["info"]["shards"] == [0, 1]
+    positions = read(url, "layers/conv1/partial/position_count")
+    assert positions[1] == 0 and positions[0] == 2 * positions[2] == 2 * positions[3] > 0
+    # group [0, 1] "killed" before its marker, with garbage written
+    zarr.open_array(url, path="layers/conv1/activation", mode="r+")[0:12] = 7.0
+    zarr.open_array(url, path="layers/layer4.0/partial/stimulus_sum", mode="r+")[0] = 123
+    (Path(url) / "_state" / "done" / "sweep" / "shard-0000").unlink()
+    assert store.pending_shards() == [0, 1]
+    assert sweep(url, BATCH)["images"] == 12
+    assert_same_arrays(one_shard, url)
 
 
 def test_store_matches_in_memory_reducers(one_shard: str) -> None:
