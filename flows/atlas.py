@@ -239,8 +239,9 @@ def atlas(
         # Every shard is submitted: finished ones return at once (cached) with their skipped images,
         # so a resumed run still records the skipped files of shards an earlier run swept. Shards go
         # in contiguous groups, one task each (a pipeline on the worker: decoding ahead, each shard
-        # written while the next computes, one state row and marker per group), about 2 tasks per
-        # worker; each finished shard is announced as a Dask event, so progress moves shard by shard.
+        # written while the next computes, one state row and marker per group), one task per worker
+        # when there is one, else about 2 per worker; each finished shard is announced as a Dask
+        # event, so progress moves shard by shard.
         workers = _worker_count(_current_runner())
         groups = _shard_groups(pending, workers) + _shard_groups([s for s in range(n) if s not in pending], 1)
         reported: set[int] = set()
@@ -401,11 +402,13 @@ def _progress_events(runner: Any, on_shard: Any) -> tuple[str | None, Any]:
     return topic, stop
 
 
-def _shard_groups(shards: list[int], workers: int, per_worker: int = 2) -> list[list[int]]:
-    """`shards` cut into contiguous runs, about `per_worker` runs per worker (at least one shard
-    each): long pipelines (each shard written while the next computes), some load balancing."""
+def _shard_groups(shards: list[int], workers: int) -> list[list[int]]:
+    """`shards` cut into contiguous runs, one per worker when there is one, else about two per worker
+    (at least one shard each): long pipelines (each shard written while the next computes, the
+    reducer state once per run or checkpoint), and some load balancing where there are several."""
     if not shards:
         return []
+    per_worker = 1 if workers <= 1 else 2
     size = max(1, -(-len(shards) // (per_worker * max(1, workers))))
     groups: list[list[int]] = []
     for s in shards:

@@ -207,6 +207,7 @@ class Response:
 
 
 _RESPONSES: weakref.WeakKeyDictionary[nn.Module, dict[str, Response]] = weakref.WeakKeyDictionary()
+_MUTATED: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 def _short(name: str) -> str:
@@ -292,9 +293,27 @@ def response_map(model: nn.Module, input_size: int | None = None) -> dict[str, R
         else:
             note = f"{text} (no ReLU follows it directly)"
             out[name] = Response(name, chain[-1], False, note, chain[-1], text)
+    # outputs changed in place after their module returned by something other than an in-place
+    # module (those run out of place in a capture): ResNet's bn2 by `out += identity`
+    mutated = set()
+    for i, (name, _, _, output, v) in enumerate(events):
+        by_modules = sum(
+            1 for e in events[i + 1 :] if e[1] is output and getattr(modules[e[0]], "inplace", False) is True
+        )
+        if version(output) - v > by_modules:
+            mutated.add(name)
+    _MUTATED[model] = frozenset(mutated)
     events.clear()
     _RESPONSES[model] = out
     return out
+
+
+def mutated_outputs(model: nn.Module) -> frozenset[str]:
+    """Modules whose output the forward pass changes in place later (e.g. ResNet's `bn2`, by the
+    skip's `out += identity`): a capture of them must keep a copy."""
+    if model not in _MUTATED:
+        response_map(model)
+    return _MUTATED[model]
 
 
 def response_module(model: nn.Module, layer: str) -> Response:
@@ -359,6 +378,7 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
             for n in self.layers
         }
         self._record = list(dict.fromkeys(r.module for r in self.responses.values()))
+        self._copy = mutated_outputs(model) & set(self._record) if self._record else frozenset()
         hooked = list(dict.fromkeys([*self._record, *self.edit]))
         self._modules = [(name, modules[name]) for name in hooked]
         self._handles: list[RemovableHandle] = []
@@ -366,7 +386,7 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
         self._active = False
 
     def _hook(self, name: str) -> _Hook:
-        edit, record = self.edit.get(name), name in self._record
+        edit, record, copy = self.edit.get(name), name in self._record, name in self._copy
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
             if threading.get_ident() != self._thread:
@@ -374,8 +394,15 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
             if edit is not None:
                 output = edit(output)
             if record and isinstance(output, Tensor):
-                self.outputs[name] = output
-                self._storages.add(output.untyped_storage().data_ptr())
+                last = (
+                    self.stop_early
+                    and name not in self.outputs
+                    and len(self.outputs) + 1 == len(self._record)
+                )
+                # a copy of what a later in-place op would change (nothing runs after the last)
+                kept = output.clone() if copy and not last else output
+                self.outputs[name] = kept
+                self._storages.add(kept.untyped_storage().data_ptr())
             if self.stop_early and len(self.outputs) == len(self._record):
                 raise _StopForward
             return output if edit is not None else None

@@ -39,17 +39,21 @@ from rfcore.receptive import RField
 from rfcore.schema import LayerAttrs, RunAttrs, spec, sweep_shard_key
 from rfcore.store import AtlasStore, attrs_of, lease_tokens
 from rfcore.sweep import (
-    STATE_KEYS,
     LayerReducer,
     PatchGeometry,
     SweepRunner,
     crop_topk_patches,
+    cut_patches,
+    pack_state,
+    packed_words,
     plan_layers,
+    pool_uint8,
+    unpack_state,
 )
 from rfcore.urls import redact, refuse_credentials
 
 DEFAULT_SHARD_SIZE = 1024
-_CHANNEL_CHUNK = 16  # channels per chunk of mean_stimulus (topk/patch: one channel per chunk)
+_CHANNEL_CHUNK = 16  # channels per chunk of mean_stimulus and topk/patch (the site reads blocks)
 
 
 WEIGHTS_DIGEST = "{weights_digest}"
@@ -192,25 +196,9 @@ def layer_geometry(store: AtlasStore, layer: str) -> tuple[PatchGeometry, int, t
     return geo, attrs.channels, attrs.shape
 
 
-def _partial_shapes(geo: PatchGeometry, channels: int, k: int) -> dict[str, tuple[int, ...]]:
-    """Shape of one shard's row of each `partial/*` array: the reducer state's own shapes."""
-    return {key: tuple(v.shape) for key, v in LayerReducer(channels, geo, k=k).state_dict().items()}
-
-
-def _partial_arrays(
-    store: AtlasStore,
-    layer: str,
-    geo: PatchGeometry,
-    channels: int,
-    shapes: dict[str, tuple[int, ...]] | None = None,
-) -> dict[str, Any]:
-    n, k = store.num_shards, int(store.run["config"]["k"])
-    if shapes is None:
-        shapes = _partial_shapes(geo, channels, k)
-    return {
-        key: store.require_array(spec(f"partial/{key}"), (n, *shape), (1, *shape), layer=layer)
-        for key, shape in shapes.items()
-    }
+def _state_array(store: AtlasStore, layer: str, words: int) -> Any:
+    """`partial/state` of a layer: one row of `words` int64 per group of shards (at its first)."""
+    return store.require_array(spec("partial/state"), (store.num_shards, words), (1, words), layer=layer)
 
 
 def _read(store: AtlasStore, layer: str, path: str, where: Any = Ellipsis) -> np.ndarray:
@@ -528,25 +516,16 @@ def _row_jobs(
 def _state_jobs(
     store: AtlasStore, writer: _ShardWriter, row: int, states: dict[str, dict[str, np.ndarray]]
 ) -> list[Callable[[], None]]:
-    """One write job per reducer state array of every layer: row `row` of `partial/<key>`."""
+    """One write job per layer: its packed reducer state (`pack_state`) as row `row` of `partial/state`."""
     jobs: list[Callable[[], None]] = []
     for name, state in states.items():
-        for key, value in state.items():
 
-            def write_part(name: str = name, key: str = key, value: np.ndarray = value) -> None:
-                arr = writer._array(
-                    name,
-                    f"partial/{key}",
-                    lambda: store.require_array(
-                        spec(f"partial/{key}"),
-                        (store.num_shards, *value.shape),
-                        (1, *value.shape),
-                        layer=name,
-                    ),
-                )
-                arr[row] = value
+        def write_state(name: str = name, state: dict[str, np.ndarray] = state) -> None:
+            words = pack_state(state)
+            arr = writer._array(name, "partial/state", lambda: _state_array(store, name, len(words)))
+            arr[row] = words
 
-            jobs.append(write_part)
+        jobs.append(write_state)
     return jobs
 
 
@@ -566,11 +545,16 @@ def merge_layer(store_url: str, layer: str) -> dict[str, Any]:
         )
     geo, channels, _ = layer_geometry(store, layer)
     k = int(store.run["config"]["k"])
-    parts = _partial_arrays(store, layer, geo, channels)
-    total = LayerReducer(channels, geo, k=k)
+    layout = LayerReducer.state_layout(channels, geo, k)
+    state = _state_array(store, layer, packed_words(layout))
+    total: LayerReducer | None = None
     for key in sorted(set(swept.values())):  # one state row per group, in shard order
-        row = _read_all({name: parts[name] for name in STATE_KEYS}, where=int(key.rpartition("-")[2]))
-        total.merge(LayerReducer.from_state_dict(row, geo))
+        part = LayerReducer.from_state_dict(unpack_state(state[int(key.rpartition("-")[2])], layout), geo)
+        if total is None:
+            total = part
+        else:
+            total.merge(part)
+    assert total is not None  # a store has at least one shard
     res = total.result()
     value = np.where(res.topk_image < 0, np.float32(np.nan), res.topk_value).astype(np.float32)
     p = geo.size
@@ -631,13 +615,12 @@ def _nonfinite_attrs(store: AtlasStore, layer: str) -> dict[str, Any]:
     return {"nonfinite_images": len(found), "nonfinite_examples": sorted(found)[:10], **precision}
 
 
-def _read_all(arrays: dict[str, Any], threads: int = 8, where: Any = Ellipsis) -> dict[str, np.ndarray]:
-    """`array[where]` of every array (default: whole), concurrently (Zarr decodes chunks outside
-    the GIL)."""
+def _read_all(arrays: dict[str, Any], threads: int = 8) -> dict[str, np.ndarray]:
+    """Every array read whole, concurrently (Zarr decodes chunks outside the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def read(array: Any) -> np.ndarray:
-        return np.asarray(array[where])
+        return np.asarray(array[...])
 
     with ThreadPoolExecutor(max_workers=min(threads, max(1, len(arrays)))) as pool:
         futures = {key: pool.submit(read, arr) for key, arr in arrays.items()}
@@ -652,20 +635,6 @@ def merge_layers(store_url: str, layers: Sequence[str]) -> list[dict[str, Any]]:
         return [merge_layer(store_url, layer) for layer in layers]
     with ThreadPoolExecutor(max_workers=min(4, len(layers)), thread_name_prefix="rfatlas-merge") as pool:
         return list(pool.map(lambda layer: merge_layer(store_url, layer), layers))
-
-
-class _CachedImages(ImageDataset):
-    """A dataset view serving a preloaded set of images (the rest raise KeyError: never asked for)."""
-
-    def __init__(self, base: ImageDataset, images: dict[int, tuple[np.ndarray, int]]) -> None:
-        super().__init__(base.spec, base.size, base.resize, base.class_names)
-        self._base, self._images = base, images
-
-    def __len__(self) -> int:
-        return len(self._base)
-
-    def get(self, index: int) -> tuple[np.ndarray, int]:
-        return self._images[int(index)]
 
 
 def crop_layers(
@@ -698,17 +667,18 @@ def crop_layers(
     }
     for lo in range(0, len(wanted), images_per_pass):
         group = wanted[lo : lo + images_per_pass]
-        view = _CachedImages(dataset, {int(i): dataset.get(int(i)) for i in group})
+        pixels = np.stack([dataset.get(int(i))[0] for i in group])
+        pooled: dict[tuple[int, int, int], np.ndarray] = {}  # each pooling once per pass
         for layer, (geo, image, y, x) in info.items():
-            mine = np.isin(image, group)
-            if not mine.any():
-                continue
-            part = crop_topk_patches(view, geo, np.where(mine, image, -1), y, x)
-            patches[layer][mine] = part[mine]
+            key = (geo.factor, *geo.phase)
+            if key not in pooled:
+                pooled[key] = pool_uint8(pixels, geo.factor, geo.phase)
+            cut_patches(pooled[key], group, geo, image, y, x, patches[layer])
     per_image = image_coords(store.root, int(store.run["num_images"])) if info else {}
     for layer, (geo, image, _, _) in info.items():
         k, p = image.shape[1], geo.size
-        arr = store.require_array(spec("topk/patch"), patches[layer].shape, (1, k, 3, p, p), layer=layer)
+        cc = min(_CHANNEL_CHUNK, len(image))
+        arr = store.require_array(spec("topk/patch"), patches[layer].shape, (cc, k, 3, p, p), layer=layer)
         arr[...] = patches[layer]
         write_coords(store, layer, per_image)
         store.set_layer_attrs(layer, complete=True)
@@ -733,7 +703,9 @@ def crop_patches(store_url: str, layer: str, *, dataset: ImageDataset) -> dict[s
         dataset, geo, image, _read(store, layer, "topk/y"), _read(store, layer, "topk/x")
     )
     k, p = image.shape[1], geo.size
-    arr = store.require_array(spec("topk/patch"), patches.shape, (1, k, 3, p, p), layer=layer)
+    arr = store.require_array(
+        spec("topk/patch"), patches.shape, (min(_CHANNEL_CHUNK, len(image)), k, 3, p, p), layer=layer
+    )
     arr[...] = patches
     write_coords(store, layer, image_coords(store.root, int(store.run["num_images"])))
     store.set_layer_attrs(layer, complete=True)

@@ -272,47 +272,14 @@ COORD_ARRAYS: list[ArraySpec] = [
     ArraySpec("topk/k", ("k",), "int64", -1, "coordinate: rank of each top-k hit (0 = best)"),
 ]
 
-# --- Sweep per-shard reducer state (per layer; removed once the layer is merged) ---------------------
+# --- Sweep reducer state (per layer; removed once the layer is merged) ------------------------------
 PARTIAL_ARRAYS: list[ArraySpec] = [
-    ArraySpec("partial/topk_value", ("shard", "channel", "k"), "float32", -math.inf, "shard top-k values"),
-    ArraySpec("partial/topk_image", ("shard", "channel", "k"), "int64", -1, "shard top-k dataset indices"),
-    ArraySpec("partial/topk_y", ("shard", "channel", "k"), "int32", -1, "shard top-k rows"),
-    ArraySpec("partial/topk_x", ("shard", "channel", "k"), "int32", -1, "shard top-k columns"),
     ArraySpec(
-        "partial/stimulus_sum",
-        ("shard", "channel", "color", "py", "px"),
+        "partial/state",
+        ("shard", "word"),
         "int64",
         0,
-        "sum of patches of positive activations (exact integer)",
-    ),
-    ArraySpec("partial/positive_count", ("shard", "channel"), "int64", 0, "images whose spatial max is > 0"),
-    ArraySpec("partial/max", ("shard", "channel"), "float32", -math.inf, "shard max activation"),
-    ArraySpec("partial/sum_fixed", ("shard", "channel"), "int64", 0, "fixed-point exact sum of activations"),
-    ArraySpec("partial/zero_count", ("shard", "channel"), "int64", 0, "activations == 0"),
-    ArraySpec("partial/position_count", ("shard",), "int64", 0, "positions seen per channel in the shard"),
-    ArraySpec(
-        "partial/pixel_count",
-        ("shard", "channel", "py", "px"),
-        "int64",
-        0,
-        "image pixels summed into each cell of stimulus_sum",
-    ),
-    ArraySpec(
-        "partial/centre_sum",
-        ("shard", "channel", "color", "py", "px"),
-        "int64",
-        0,
-        "sum of the centre neuron's patches over X+ (eq. 4, exact integer)",
-    ),
-    ArraySpec(
-        "partial/centre_count", ("shard", "channel"), "int64", 0, "images where the centre neuron is > 0"
-    ),
-    ArraySpec(
-        "partial/centre_pixel_count",
-        ("shard", "channel", "py", "px"),
-        "int64",
-        0,
-        "image pixels summed into each cell of centre_sum",
+        "merged reducer state of the group of shards starting at this row (`rfcore.sweep.pack_state`)",
     ),
 ]
 

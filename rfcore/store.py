@@ -436,9 +436,20 @@ def _mismatch_message(url: str, old: Mapping[str, Any], new: Mapping[str, Any]) 
     return f"store {redact(url)} was made for {what}; use another --out"
 
 
-#: Chunk compression of the atlas arrays: Blosc LZ4 with bit shuffling encodes several times faster
-#: than Zarr's default (Zstd), also smaller on these integer sums and activations (bench/end_to_end.py).
-_COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),)
+#: Chunk compression of numeric arrays: Blosc LZ4 encodes several times faster than Zarr's default
+#: (Zstd); bit shuffling makes it smaller too on the integer sums and activations, while bytes
+#: (image patches, masks) compress faster and smaller unshuffled. Strings keep Zarr's default.
+_COMPRESSORS = {
+    "shuffled": (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),),
+    "bytes": (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),),
+}
+
+
+def _compressors(dtype: str) -> Any:
+    kind = np.dtype(dtype) if dtype != "T" else None
+    if kind is None or kind.kind not in "biuf":
+        return "auto"
+    return _COMPRESSORS["bytes" if kind.itemsize == 1 else "shuffled"]
 
 
 def _iso(t: float) -> str:
@@ -628,6 +639,7 @@ class AtlasStore:
                         dtype=spec.dtype,
                         fill_value=spec.fill_value,
                         dimension_names=spec.dims,
+                        compressors=_compressors(spec.dtype),
                     )
             except StoreError:
                 raise

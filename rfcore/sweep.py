@@ -474,6 +474,14 @@ class LayerReducer:
     def _tensors(self) -> dict[str, Tensor]:
         return {n: getattr(self, n) for n in STATE_KEYS}
 
+    @classmethod
+    def state_layout(
+        cls, channels: int, geometry: PatchGeometry, k: int
+    ) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+        """(shape, dtype) of each `state_dict()` array, without allocating the state."""
+        meta = cls(channels, geometry, k=k, device="meta")._tensors()
+        return {n: (tuple(t.shape), np.dtype(str(t.dtype).removeprefix("torch."))) for n, t in meta.items()}
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """The state as NumPy arrays (keys `STATE_KEYS`; `position_count` is 0-d)."""
         return {n: t.cpu().numpy().copy() for n, t in self._tensors().items()}
@@ -522,6 +530,39 @@ class LayerReducer:
         )
 
 
+def pack_state(state: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A `state_dict()` as one little-endian int64 vector: each array's bytes in `STATE_KEYS` order,
+    zero-padded to whole words (one array, one write and one read per layer and group)."""
+    parts = []
+    for key in STATE_KEYS:
+        a = np.asarray(state[key])
+        raw = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+        parts += [raw, np.zeros(-raw.size % 8, np.uint8)]
+    return np.concatenate(parts).view("<i8")
+
+
+def packed_words(layout: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]]) -> int:
+    """Length of `pack_state`'s vector for a `LayerReducer.state_layout`."""
+    nbytes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in layout.values()]
+    return sum(-(-n // 8) for n in nbytes)
+
+
+def unpack_state(
+    words: np.ndarray, layout: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]]
+) -> dict[str, np.ndarray]:
+    """The inverse of `pack_state`, given `LayerReducer.state_layout`; ValueError on a size mismatch."""
+    raw = np.ascontiguousarray(words, dtype="<i8").view(np.uint8)
+    if raw.size != 8 * packed_words(layout):
+        raise ValueError(f"packed state has {raw.size} bytes, the layout {8 * packed_words(layout)}")
+    out, at = {}, 0
+    for key in STATE_KEYS:
+        shape, dtype = layout[key]
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        out[key] = raw[at : at + size].view(dtype.newbyteorder("<")).reshape(shape).astype(dtype)
+        at += size + (-size % 8)
+    return out
+
+
 @dataclass(frozen=True)
 class LayerResult:
     """Final results of one layer. Mean stimuli divide each cell's pixel sum by the number of image
@@ -550,24 +591,57 @@ def crop_topk_patches(
 ) -> np.ndarray:
     """uint8 (C,k,3,p,p) patches of the top-k hits, cut like the mean stimulus (pooled sums / f²,
     rounded half up); reads each winning image once; entries with image -1 stay zero."""
-    f, p = geometry.factor, geometry.size
     c, k = topk_image.shape
-    out = np.zeros((c, k, 3, p, p), dtype=np.uint8)
-    ph, pw = geometry.phase
-    j0 = (-1 if ph else 0, -1 if pw else 0)
-    for index in np.unique(topk_image[topk_image >= 0]):
-        image, _ = dataset.get(int(index))
-        pooled = pool_images(torch.from_numpy(np.ascontiguousarray(image))[None], f, (ph, pw), torch.int64)
-        img = pooled[0].numpy()
-        img = ((img + f * f // 2) // (f * f)).astype(np.uint8)
-        big = np.pad(img, ((0, 0), (p, p), (p, p)))
-        for ci, ki in zip(*np.nonzero(topk_image == index), strict=True):
-            r = (geometry.first[0] - ph) // f - j0[0] + int(topk_y[ci, ki]) * geometry.stride[0] // f + p
-            q = (geometry.first[1] - pw) // f - j0[1] + int(topk_x[ci, ki]) * geometry.stride[1] // f + p
-            r0, q0 = max(r, 0), max(q, 0)
-            piece = big[:, r0 : r + p, q0 : q + p]
-            out[ci, ki, :, r0 - r : r0 - r + piece.shape[1], q0 - q : q0 - q + piece.shape[2]] = piece
+    out = np.zeros((c, k, 3, geometry.size, geometry.size), dtype=np.uint8)
+    wanted = np.unique(topk_image[topk_image >= 0])
+    if len(wanted):
+        images = np.stack([dataset.get(int(i))[0] for i in wanted])
+        pooled = pool_uint8(images, geometry.factor, geometry.phase)
+        cut_patches(pooled, wanted, geometry, topk_image, topk_y, topk_x, out)
     return out
+
+
+def pool_uint8(images: np.ndarray, factor: int, phase: tuple[int, int]) -> np.ndarray:
+    """uint8 images (N,3,H,W) sum-pooled as `pool_images`, then divided by f² (rounded half up):
+    the pixels of the top-k patches."""
+    f2 = factor * factor
+    pooled = pool_images(torch.from_numpy(np.ascontiguousarray(images)), factor, phase, torch.int64)
+    return ((pooled + f2 // 2) // f2).to(torch.uint8).numpy()
+
+
+def cut_patches(
+    pooled: np.ndarray,
+    indices: np.ndarray,
+    geometry: PatchGeometry,
+    topk_image: np.ndarray,
+    topk_y: np.ndarray,
+    topk_x: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Write into `out` (C,k,3,p,p) the patch of every top-k hit whose image is among `indices`
+    (sorted dataset indices of the rows of `pool_uint8` output `pooled`), in one gather; zeros
+    outside the image."""
+    f, p = geometry.factor, geometry.size
+    ci, ki = np.nonzero(np.isin(topk_image, indices))
+    if not len(ci):
+        return
+    rows = np.searchsorted(indices, topk_image[ci, ki])
+    ph, pw = geometry.phase
+    r = (
+        (geometry.first[0] - ph) // f
+        + (1 if ph else 0)
+        + topk_y[ci, ki].astype(np.int64) * geometry.stride[0] // f
+    )
+    q = (
+        (geometry.first[1] - pw) // f
+        + (1 if pw else 0)
+        + topk_x[ci, ki].astype(np.int64) * geometry.stride[1] // f
+    )
+    h, w = pooled.shape[-2:]
+    pad = int(max(0, -r.min(), -q.min(), (r + p).max() - h, (q + p).max() - w))
+    big = np.pad(pooled, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else pooled
+    windows = np.lib.stride_tricks.sliding_window_view(big, (p, p), axis=(2, 3))  # (N,3,H',W',p,p)
+    out[ci, ki] = windows[rows, :, r + pad, q + pad]
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,25 @@ def test_shared_relu_is_applied_and_inplace_add_is_not_followed() -> None:
     assert (plain["layer1.0.conv2"].module, plain["layer1.0.conv2"].relu) == ("layer1.0.bn2", True)
 
 
+def test_capture_keeps_an_output_the_skip_adds_to_in_place() -> None:
+    """ResNet's `out += identity` changes bn2's output after its hook ran: the capture of the conv2
+    response (and of bn2 itself) is bn2(conv2), not the block's pre-ReLU sum."""
+    model = get_model("resnet10t", seed=0).eval()
+    block = model.layer1[0]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        want = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(h)))))
+        for response in (True, False):
+            layer = "layer1.0.conv2" if response else "layer1.0.bn2"
+            with capture(model, [layer, "layer1.0"], response=response) as cap:
+                out = cap.run(x)
+            torch.testing.assert_close(out[layer], want, rtol=0, atol=0)
+            torch.testing.assert_close(out["layer1.0"], block(h), rtol=0, atol=0)
+            with capture(model, [layer], response=response, stop_early=True) as cap:  # stops before +=
+                torch.testing.assert_close(cap.run(x)[layer], want, rtol=0, atol=0)
+
+
 def test_sweep_ranks_conv_units_by_post_relu_response_with_negative_gamma() -> None:
     model = get_model("resnet10t", seed=0).eval()
     with torch.no_grad():

@@ -13,9 +13,17 @@ import rfcore
 from rfcore.data import BadImageError, ImageDataset, open_dataset
 from rfcore.errors import ConfigMismatchError, StoreError
 from rfcore.models import get_model
-from rfcore.pipeline import crop_patches, merge_layer, prepare_store, run_sweep, sweep_shard, sweep_shards
+from rfcore.pipeline import (
+    crop_patches,
+    layer_geometry,
+    merge_layer,
+    prepare_store,
+    run_sweep,
+    sweep_shard,
+    sweep_shards,
+)
 from rfcore.store import AtlasStore
-from rfcore.sweep import SweepConfig, crop_topk_patches, sweep_dataset
+from rfcore.sweep import LayerReducer, SweepConfig, crop_topk_patches, sweep_dataset, unpack_state
 
 MODEL, DATA, N, BATCH, K = "resnet10t", "synthetic:24", 24, 6, 4
 LAYERS = "conv1,layer1.0,layer4.0"  # layer4.0: RF 195 px > patch_max, pooled by 4
@@ -103,7 +111,7 @@ def test_rerun_after_lost_shard_marker_gives_same_store(one_shard: str, tmp_path
     # shard 1 "crashed" after writing garbage, before its marker
     act = zarr.open_array(url, path="layers/conv1/activation", mode="r+")
     act[12:24] = 7.0
-    part = zarr.open_array(url, path="layers/layer4.0/partial/stimulus_sum", mode="r+")
+    part = zarr.open_array(url, path="layers/layer4.0/partial/state", mode="r+")
     part[1] = 123
     (Path(url) / "_state" / "done" / "sweep" / "shard-0001").unlink()
     with pytest.raises(StoreError, match="shard"):
@@ -126,11 +134,14 @@ def test_a_group_of_shards_has_one_state_row_and_one_marker(one_shard: str, tmp_
     assert store.swept_shards() == {0: "sweep/shard-0000", 1: "sweep/shard-0000", 2: "sweep/shard-0002",
                                     3: "sweep/shard-0003"}  # fmt: skip
     assert (store.marker("sweep/shard-0000") or {})["info"]["shards"] == [0, 1]
-    positions = read(url, "layers/conv1/partial/position_count")
+    geo, channels, _ = layer_geometry(store, "conv1")
+    layout = LayerReducer.state_layout(channels, geo, K)
+    rows = read(url, "layers/conv1/partial/state")
+    positions = [int(unpack_state(row, layout)["position_count"]) for row in rows]
     assert positions[1] == 0 and positions[0] == 2 * positions[2] == 2 * positions[3] > 0
     # group [0, 1] "killed" before its marker, with garbage written
     zarr.open_array(url, path="layers/conv1/activation", mode="r+")[0:12] = 7.0
-    zarr.open_array(url, path="layers/layer4.0/partial/stimulus_sum", mode="r+")[0] = 123
+    zarr.open_array(url, path="layers/layer4.0/partial/state", mode="r+")[0] = 123
     (Path(url) / "_state" / "done" / "sweep" / "shard-0000").unlink()
     assert store.pending_shards() == [0, 1]
     assert sweep(url, BATCH)["images"] == 12

@@ -59,7 +59,7 @@ def test_core_sweep_specs() -> None:
         and spec("topk/patch").dtype == "uint8"
     )
     assert all(s.dims[0] == "shard" and s.path.startswith("partial/") for s in PARTIAL_ARRAYS)
-    assert spec("partial/sum_fixed").dtype == "int64" and spec("partial/position_count").dims == ("shard",)
+    assert spec("partial/state").dtype == "int64" and spec("partial/state").dims == ("shard", "word")
     assert {s.path for s in SWEEP_ARRAYS} >= {
         "max",
         "mean",

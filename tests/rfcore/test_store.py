@@ -66,7 +66,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def sizes(layer: str | None = None) -> dict[str, int]:
-    return {"image": N, "channel": C, "k": K, "color": 3, "py": P, "px": P, "shard": 3}
+    return {"image": N, "channel": C, "k": K, "color": 3, "py": P, "px": P, "shard": 3, "word": 8}
 
 
 def write_sweep(store: AtlasStore, layer: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -352,7 +352,7 @@ def test_describe_and_verify(url: str) -> None:
     )
     rng = np.random.default_rng(0)
     for name in LAYERS:
-        store.require_array(PARTIAL_ARRAYS[0], PARTIAL_ARRAYS[0].shape(sizes()), (1, C, K), layer=name)
+        store.require_array(PARTIAL_ARRAYS[0], PARTIAL_ARRAYS[0].shape(sizes()), (1, 8), layer=name)
         write_sweep(store, name, rng)
         store.set_layer_attrs(name, complete=True)
     for i in range(3):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,11 @@ from rfcore.sweep import (
     LayerReducer,
     PatchGeometry,
     crop_topk_patches,
+    pack_state,
+    packed_words,
     patch_geometry,
     pool_images,
+    unpack_state,
 )
 
 # Tiny net, its layers and their hand-computed receptive fields (input pixel units).
@@ -317,6 +321,28 @@ def test_state_dict_roundtrip_and_shape_check() -> None:
     bad["stimulus_sum"] = bad["stimulus_sum"][:, :, :2]
     with pytest.raises(ValueError, match="stimulus_sum"):
         LayerReducer.from_state_dict(bad, geo)
+
+
+def test_packed_state_roundtrip() -> None:
+    """`pack_state` keeps every array's bits (odd sizes padded to whole words, NaN and -0 kept)."""
+    geo = PatchGeometry(1, 3, (-1, -1), (1, 1), (5, 5))
+    red = LayerReducer(3, geo, k=5)  # 3 x 5 int32 top-k rows: not a whole number of words
+    red.add(
+        torch.rand(2, 3, 5, 5) - 0.5,
+        torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8),
+        torch.tensor([0, 1]),
+    )
+    red.max[0], red.max[1] = math.nan, -0.0
+    state = red.state_dict()
+    layout = LayerReducer.state_layout(3, geo, 5)
+    assert {key: (v.shape, v.dtype) for key, v in state.items()} == layout
+    words = pack_state(state)
+    assert words.dtype == np.dtype("<i8") and len(words) == packed_words(layout)
+    back = unpack_state(words, layout)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and back[key].tobytes() == value.tobytes(), key
+    with pytest.raises(ValueError, match="bytes"):
+        unpack_state(words[:-1], layout)
 
 
 @pytest.mark.parametrize("patch_max", [64, 4])
