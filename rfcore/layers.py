@@ -455,7 +455,13 @@ class capture:  # lower-case: used like a function: `with capture(model, layers)
                     f"layer {name!r} of {model_name(self.model)} produced no tensor output"
                 )
         raw = self.outputs
+        plain = {r.module for r in self.responses.values() if not r.relu}
+
+        def rectified(module: str) -> Tensor:  # in place where nothing else reads the raw output
+            t = raw[module]
+            return torch.relu(t) if module in plain or t.requires_grad else torch.relu_(t)
+
         self.outputs = {
-            n: torch.relu(raw[r.module]) if r.relu else raw[r.module] for n, r in self.responses.items()
+            n: rectified(r.module) if r.relu else raw[r.module] for n, r in self.responses.items()
         }
         return self.outputs

@@ -339,7 +339,7 @@ class LayerReducer:
 
     def _add_centre(self, positive: Tensor, grid: tuple[int, int], pools: BatchPools) -> None:
         """Eq. 4–5 for the fixed neuron at the map centre (H // 2, W // 2): add its receptive-field
-        patch of every image where that neuron is > 0 (one window per image, a float64 matmul: exact)."""
+        patch of every image where that neuron is > 0 (one window per image, a matmul, exact)."""
         plan = self._plans[grid]
         eh, ew = plan.extent
         h, w = grid
@@ -357,8 +357,10 @@ class LayerReducer:
         buffer, m = pools.padded_any(f, geo.phase, max(plan.pad))
         y0, x0 = sy - top + m + yc * ty, sx - left + m + xc * tx
         b = positive.shape[0]
-        win = buffer[:b, :, y0 : y0 + eh, x0 : x0 + ew].reshape(b, -1).to(torch.float64)
-        part = positive.t().to(torch.float64) @ win  # (C, 3 * eh * ew)
+        # float32 holds every sum exactly while it stays below 2**24, else float64
+        exact = torch.float32 if b * 255 * f * f < 2**24 else torch.float64
+        win = buffer[:b, :, y0 : y0 + eh, x0 : x0 + ew].reshape(b, -1).to(exact)
+        part = positive.t().to(exact) @ win  # (C, 3 * eh * ew)
         ly, lx = plan.lo
         self.centre_sum[:, :, ly : ly + eh, lx : lx + ew] += (
             torch.round(part).to(torch.int64).view(self.channels, 3, eh, ew)
