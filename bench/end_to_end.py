@@ -68,6 +68,21 @@ def bare_throughput(args: argparse.Namespace, threads: int, batches: int) -> flo
         return batches * args.batch_size / (time.perf_counter() - t0)
 
 
+def data_seconds_per_image(args: argparse.Namespace, n: int = 32) -> float:
+    """CPU seconds to produce one image of the run's data (`synthetic:`: rendering it), measured
+    in this process on images the runs do not share: on a machine whose cores the forward pass
+    already fills, data costs compute time the bare side never pays."""
+    from rfcore.data import open_dataset
+    from rfcore.models import get_model, model_meta
+
+    pre = model_meta(get_model(args.model)).preprocessing
+    ds = open_dataset(f"synthetic:{10**6}", size=pre.size, resize=pre.resize)
+    t0 = time.process_time()
+    for i in range(n):
+        ds.get(10**6 - 1 - i)
+    return (time.process_time() - t0) / n
+
+
 def cli_run(
     args: argparse.Namespace, n: int, tmp: Path, tag: str, verbose: bool = False, root: Path = ROOT
 ) -> dict[str, Any]:
@@ -219,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     bare_ips = statistics.median(bare)
+    data_s = data_seconds_per_image(args)
     walls = {n: statistics.median(r["wall"] for r in runs[n]) for n in sizes}
     big = max(sizes)
     last = sorted(runs[big], key=lambda r: r["wall"])[len(runs[big]) // 2]
@@ -227,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}, layers {args.layers}, k {args.k}, shard {args.shard_size}, batch {args.batch_size}, "
           f"--workers {args.workers}, {args.device}, {cpu_count()} cores, torch threads {threads}")  # fmt: skip
     print(f"bare forward: {bare_ips:.2f} images/s (median of {len(bare)})")
+    ceiling = (1 / bare_ips) / (1 / bare_ips + data_s / threads) if threads else float("nan")
+    res["data_ms_per_image"], res["data_ceiling"] = 1000 * data_s, ceiling
+    print(f"data: {1000 * data_s:.1f} CPU-ms per image; with the forward pass on every core, the best "
+          f"ratio this data allows is {ceiling:.2f}x")  # fmt: skip
     for n in sizes:
         each = ", ".join(f"{r['wall']:.1f}" for r in runs[n])
         print(f"rfatlas run synthetic:{n}: {walls[n]:.1f} s wall (runs: {each})")
