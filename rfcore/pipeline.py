@@ -224,9 +224,10 @@ def _skipped_in(store: AtlasStore, layer: str, rows: range, dataset: ImageDatase
 class _ShardWriter:
     """Writes finished shards from one background thread, in order, while the next shard computes.
 
-    A shard's arrays (activation rows, then every `partial/*` row: one write per array) are written
-    concurrently by a small thread pool (Zarr encodes and stores chunks outside the GIL); its marker
-    only after all of them. `close()` waits for everything and raises the first error."""
+    Each submission's writes (a shard's activation rows; a group's `partial/state` rows: one write
+    per array) run concurrently in a small thread pool (Zarr encodes and stores chunks outside the
+    GIL), after everything submitted before; a group's marker only after all of them. `close()`
+    waits for everything and raises the first error."""
 
     def __init__(self, store: AtlasStore, lease_tokens: Sequence[str] = (), threads: int = 8) -> None:
         from concurrent.futures import ThreadPoolExecutor
