@@ -608,6 +608,7 @@ def iter_batches(
     num_workers: int = 0,
     pin_memory: bool = False,
     prefetch: int = 0,
+    decode_threads: int = 1,
 ) -> Iterator[Batch]:
     """Batches of consecutive ``batch_size``-index chunks of ``indices``, in order.
 
@@ -615,7 +616,8 @@ def iter_batches(
     ``Batch.skipped``, so batch composition depends only on ``indices`` and ``batch_size``. With
     ``num_workers > 0`` a DataLoader decodes ahead in worker processes; with ``num_workers == 0`` and
     ``prefetch > 0`` one background thread decodes up to ``prefetch`` batches ahead (decoding, NumPy and
-    PIL release the GIL, so it overlaps the forward pass); ``pin_memory`` applies with CUDA.
+    PIL release the GIL, so it overlaps the forward pass); with neither, ``decode_threads`` threads
+    decode each batch when it is asked for; ``pin_memory`` applies with CUDA.
     """
     yield from iter_chunk_batches(
         ds,
@@ -623,6 +625,7 @@ def iter_batches(
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch=prefetch,
+        decode_threads=decode_threads,
     )
 
 
@@ -633,9 +636,11 @@ def iter_chunk_batches(
     num_workers: int = 0,
     pin_memory: bool = False,
     prefetch: int = 0,
+    decode_threads: int = 1,
 ) -> Generator[Batch, None, None]:
     """One Batch per index chunk, in order (as `iter_batches`, for chunks cut by the caller: e.g. the
-    batches of several shards in one stream, so decoding runs ahead across shard boundaries)."""
+    batches of several shards in one stream, so decoding runs ahead across shard boundaries).
+    Without workers or prefetch, `decode_threads` threads decode each batch when it is asked for."""
     chunks = list(chunks)
     pin = pin_memory and torch.cuda.is_available()
     items, collate = _Items(ds), _Collate(ds.size)
@@ -652,6 +657,14 @@ def iter_chunk_batches(
             pin_memory=pin,
         )
         yield from loader
+        return
+    if decode_threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(decode_threads, thread_name_prefix="rfatlas-decode") as pool:
+            for chunk in chunks:
+                batch = collate(list(pool.map(items.__getitem__, chunk)))
+                yield batch.pin_memory() if pin else batch
         return
     for chunk in chunks:
         batch = collate([items[i] for i in chunk])

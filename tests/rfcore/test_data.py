@@ -248,12 +248,16 @@ class _Failing(ImageDataset):
         return self.inner.get(index)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_batch_composition_depends_only_on_the_index_range(num_workers: int) -> None:
+@pytest.mark.parametrize(("num_workers", "decode_threads"), [(0, 1), (2, 1), (0, 3)])
+def test_batch_composition_depends_only_on_the_index_range(num_workers: int, decode_threads: int) -> None:
     indices = range(5, 37)
     clean = list(iter_batches(_Failing(set()), indices, 8))
     bad = {5, 6, 13, 14, 15, 16, 17, 18, 19, 20, 30}  # 13..20 is a whole batch
-    failing = list(iter_batches(_Failing(bad), indices, 8, num_workers=num_workers, pin_memory=True))
+    failing = list(
+        iter_batches(
+            _Failing(bad), indices, 8, num_workers=num_workers, pin_memory=True, decode_threads=decode_threads
+        )
+    )
     assert len(failing) == len(clean) == 4
     for c, f in zip(clean, failing, strict=True):
         keep = [i not in bad for i in c.indices.tolist()]
