@@ -180,9 +180,13 @@ def breakdown(run: dict[str, Any], bare_ips: float, workers: int) -> dict[str, f
         "  writes (background)": stages.get("write", float("nan")),
         "  writes on critical path": stages.get("write_wait", float("nan")),
         "  orchestration": sweep - in_tasks / max(1, workers),
-        "  flow process, % of a core": 100 * _cpu_share(run, t.get("sweep_start", 0), t.get("sweep_end", 0), "flow"),
-        "  API server, % of a core": 100 * _cpu_share(run, t.get("sweep_start", 0), t.get("sweep_end", 0), "api"),
+        "  flow process, % of a core": 100
+        * _cpu_share(run, t.get("sweep_start", 0), t.get("sweep_end", 0), "flow"),
+        "  API server, % of a core": 100
+        * _cpu_share(run, t.get("sweep_start", 0), t.get("sweep_end", 0), "api"),
         "merge + crop": span("sweep_end", "merge_end"),
+        "  merge (in tasks)": summary.get("merge_s", float("nan")),
+        "  crop (in tasks)": summary.get("crop_s", float("nan")),
         "flow end (summary)": span("merge_end", "flow_end"),
         "exit: after flow end": end - t["flow_end"] if "flow_end" in t else float("nan"),
         "total wall": run["wall"],
@@ -205,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose-exit", action="store_true", help="also time the exit of a `-v` run")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
-        "--compare", default=None, help="another checkout (e.g. the code before a change): its CLI runs too, alternating"
+        "--compare",
+        default=None,
+        help="another checkout (e.g. the code before a change): its CLI runs too, alternating",
     )
     args = p.parse_args(argv)
 
@@ -237,9 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     data_s = data_seconds_per_image(args)
     walls = {n: statistics.median(r["wall"] for r in runs[n]) for n in sizes}
     big = max(sizes)
-    last = sorted(runs[big], key=lambda r: r["wall"])[len(runs[big]) // 2]
-    rows = breakdown(last, bare_ips, args.workers)
-    res: dict[str, Any] = {"args": vars(args), "bare_images_per_s": bare_ips, "walls": walls, "stages": rows}
+    median_run = {n: sorted(runs[n], key=lambda r: r["wall"])[len(runs[n]) // 2] for n in sizes}
+    last = median_run[big]
+    per_size = {n: breakdown(median_run[n], bare_ips, args.workers) for n in sizes}
+    rows = per_size[big]
+    res: dict[str, Any] = {
+        "args": vars(args),
+        "bare_images_per_s": bare_ips,
+        "walls": walls,
+        "stages": per_size,
+    }
     print(f"{args.model}, layers {args.layers}, k {args.k}, shard {args.shard_size}, batch {args.batch_size}, "
           f"--workers {args.workers}, {args.device}, {cpu_count()} cores, torch threads {threads}")  # fmt: skip
     print(f"bare forward: {bare_ips:.2f} images/s (median of {len(bare)})")
@@ -255,9 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         for ev in last["events"]:
             print(f"  {ev['t'] - last['launch']:8.2f}  {ev['stage']}  (pid {ev['pid']})")
         print(f"  {last['exit'] - last['launch']:8.2f}  process exit")
-    print(f"stages of the {big}-image run (s):")
+    small = min(sizes)
+    extra = big - small
+    header = "".join(f"{f'{n} img':>10}" for n in sorted(sizes))
+    print(f"stages (s){' ' * 20}{header}" + (f"{'ms/extra img':>14}" if extra else ""))
     for key, value in rows.items():
-        print(f"  {key:<28} {value:8.2f}")
+        cells = "".join(f"{per_size[n][key]:10.2f}" for n in sorted(sizes))
+        share = key.endswith("% of a core")
+        delta = "" if not extra or share else f"{1000 * (value - per_size[small][key]) / extra:14.1f}"
+        print(f"  {key:<28}{cells}{delta}")
     if verbose is not None:
         vrows = breakdown(verbose, bare_ips, args.workers)
         res["verbose_exit_s"] = vrows["exit: after flow end"]
@@ -268,12 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             print(f"compare ({args.compare}) synthetic:{n}: {owalls[n]:.1f} s wall")
         if len(sizes) >= 2:
-            small = min(sizes)
-            om = (big - small) / (owalls[big] - owalls[small]) if owalls[big] > owalls[small] else float("nan")
+            om = (
+                (big - small) / (owalls[big] - owalls[small]) if owalls[big] > owalls[small] else float("nan")
+            )
             res["compare_marginal_images_per_s"] = om
             print(f"compare marginal throughput: {om:.2f} images/s = {om / bare_ips:.2f}x bare")
     if len(sizes) >= 2:
-        small = min(sizes)
         marginal = (big - small) / (walls[big] - walls[small]) if walls[big] > walls[small] else float("nan")
         res["marginal_images_per_s"] = marginal
         res["ratio"] = marginal / bare_ips

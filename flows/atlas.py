@@ -308,8 +308,7 @@ def atlas(
             T.merge_crop.submit(store_url, group, first=group[0], last=group[-1], **crop_data)
             for group in _layer_groups(plan["layers"], workers)
         ]
-        for f in merge_futures:
-            f.result()
+        merge_results = [f.result() for f in merge_futures]
         merge_wall = time.perf_counter() - t_merge
         mark("merge_end")
         channels = 0
@@ -344,6 +343,8 @@ def atlas(
         "sweep_wall_s": sweep_wall,
         "shard_compute_s": compute_s,
         "merge_crop_wall_s": merge_wall,
+        "merge_s": sum(r["merge_seconds"] for r in merge_results),  # in the tasks, summed over groups
+        "crop_s": sum(r["crop_seconds"] for r in merge_results),
         "stages": stages,
         "images_per_s": swept / sweep_wall if sweep_wall > 0 and swept else 0.0,
     }

@@ -101,7 +101,7 @@ class ImageDataset(abc.ABC):
     resize: int
     class_names: list[str]
     #: Cheap content fingerprint of the data (file list with sizes/mtimes or ETags, an ingest store's
-    #: digest); None where the spec alone determines the images (synthetic).
+    #: digest, the synthetic renderer's version); None where the spec alone determines the images.
     fingerprint: str | None = None
     #: dataset label -> model class index (`for_model`); None = labels as they are.
     label_lut: np.ndarray | None = None

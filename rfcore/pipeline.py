@@ -671,15 +671,19 @@ def crop_layers(
         layer: np.zeros((*image.shape, 3, geo.size, geo.size), dtype=np.uint8)
         for layer, (geo, image, _, _) in info.items()
     }
+    margins: dict[tuple[int, int, int], int] = {}  # per pooling: room for its largest patch
+    for geo, _, _, _ in info.values():
+        key = (geo.factor, *geo.phase)
+        margins[key] = max(margins.get(key, 0), geo.size)
     for lo in range(0, len(wanted), images_per_pass):
         group = wanted[lo : lo + images_per_pass]
         pixels = np.stack([dataset.get(int(i))[0] for i in group])
-        pooled: dict[tuple[int, int, int], np.ndarray] = {}  # each pooling once per pass
+        pooled: dict[tuple[int, int, int], np.ndarray] = {}  # each pooling once per pass, padded once
         for layer, (geo, image, y, x) in info.items():
             key = (geo.factor, *geo.phase)
             if key not in pooled:
-                pooled[key] = pool_uint8(pixels, geo.factor, geo.phase)
-            cut_patches(pooled[key], group, geo, image, y, x, patches[layer])
+                pooled[key] = pool_uint8(pixels, geo.factor, geo.phase, margins[key])
+            cut_patches(pooled[key], group, geo, image, y, x, patches[layer], margins[key])
     per_image = image_coords(store.root, int(store.run["num_images"])) if info else {}
     for layer, (geo, image, _, _) in info.items():
         k, p = image.shape[1], geo.size

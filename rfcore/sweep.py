@@ -128,8 +128,8 @@ def pool_images(images: Tensor, factor: int, phase: tuple[int, int], dtype: torc
     top, left = (factor - phase[0]) % factor, (factor - phase[1]) % factor
     bottom = -(top + h) % factor
     right = -(left + w) % factor
-    x = F.pad(images.to(torch.float32), (left, right, top, bottom))
-    return (F.avg_pool2d(x, factor) * (factor * factor)).to(dtype)
+    x = F.pad(images, (left, right, top, bottom)).to(torch.float32)  # padded while still uint8
+    return F.avg_pool2d(x, factor, divisor_override=1).to(dtype)  # divisor 1: the sums themselves
 
 
 _MARGIN = 64  # zero cells kept around pooled images: enough for patch_max-sized windows
@@ -141,7 +141,6 @@ class BatchPools:
 
     def __init__(self, images: Tensor) -> None:
         self.images = images
-        self._float: Tensor | None = None
         self._padded: dict[tuple[int, int, int, torch.dtype], tuple[Tensor, int]] = {}
 
     def padded(
@@ -152,13 +151,14 @@ class BatchPools:
         key = (factor, *phase, dtype)
         hit = self._padded.get(key)
         if hit is None or hit[1] < margin:
-            if self._float is None:  # one uint8 -> float32 conversion per batch
-                self._float = self.images.to(torch.float32)
-            source = self.images if factor == 1 else self._float
-            base = pool_images(source, factor, phase, dtype)
+            base = pool_images(self.images, factor, phase, dtype)
             m = max(margin, _MARGIN)
             b, _, hh, ww = base.shape
-            buffer = base.new_zeros(b + 1, 3, hh + 2 * m, ww + 2 * m)
+            buffer = base.new_empty(b + 1, 3, hh + 2 * m, ww + 2 * m)
+            for part in (buffer[b], buffer[:b, :, :m], buffer[:b, :, m + hh :]):
+                part.zero_()
+            for part in (buffer[:b, :, m : m + hh, :m], buffer[:b, :, m : m + hh, m + ww :]):
+                part.zero_()
             buffer[:b, :, m : m + hh, m : m + ww] = base
             hit = self._padded[key] = (buffer, m)
         return hit
@@ -176,6 +176,22 @@ def row_sums(acts: Tensor) -> Tensor:
     """Float32 sums over x of a float32 (B,C,H,W) activation, (B,C,H): the first stage of the channel
     sums, and a cheap finiteness test (a NaN or inf makes its row's sum non-finite)."""
     return acts.sum(dim=3)
+
+
+def nonzero_counts(flat: Tensor) -> Tensor:
+    """Per channel, the non-zero values of `flat` (B, C, N) over images and positions, int64: `ne`
+    into a float32 buffer of a few images at a time (about 4 M values, reused; a full-size temporary
+    costs three times as much, most of it page faults), summed per image in float32 (exact below
+    2**24 positions)."""
+    b, c, n = flat.shape
+    step = max(1, min(b, (1 << 22) // max(1, c * n)))
+    buffer = flat.new_empty((step, c, n))
+    counts = torch.zeros(c, dtype=torch.int64, device=flat.device)
+    for lo in range(0, b, step):
+        part = buffer[: min(step, b - lo)]
+        torch.ne(flat[lo : lo + step], 0, out=part)
+        counts += part.sum(dim=2).to(torch.int64).sum(dim=0)
+    return counts
 
 
 def _order_key(value: Tensor, index: Tensor) -> Tensor:
@@ -300,9 +316,7 @@ class LayerReducer:
         rows = row_sums(acts) if rows is None else rows.to(self.device, torch.float32)
         s = rows.to(torch.float64).sum(dim=(0, 2))  # rows (over x) in float32, then float64
         self.sum_fixed += torch.round(s * _FIXED_SCALE).to(torch.int64)
-        nonzero = torch.sign(flat).abs_()  # 1.0 where != 0: twice as fast as counting a bool mask
-        # per-image counts in float32 (exact below 2**24 positions), then int64
-        self.zero_count += b * h * w - nonzero.sum(dim=2).to(torch.int64).sum(dim=0)
+        self.zero_count += b * h * w - nonzero_counts(flat)
         self.position_count += b * h * w
         pools = BatchPools(images) if pooled is None else pooled
         self._add_patches(positive, arg, (h, w), pools)
@@ -424,22 +438,25 @@ class LayerReducer:
             chunk = max(1, min((2**24 - 1) // (255 * f * f), _GATHER_BUDGET // per_image))
             i32, dev = torch.int32, self.device  # table rows < 2**31: int32 indices
             u = torch.arange(eh, dtype=i32, device=dev)
-            offs = ((torch.arange(3, dtype=i32, device=dev) * rows).view(3, 1) + u) * w  # (3, eh)
+            plane = rows * w  # table rows per colour plane of an image
+            colours = (torch.arange(3, dtype=i32, device=dev) * plane).view(1, 3, 1, 1)
             y32, x32 = y.to(torch.int32), x.to(torch.int32)
             r_lo, r_hi = plan.image_rows
             for b0 in range(0, b, chunk):
                 n = min(chunk, b - b0)
-                table = img.new_empty(n * 3 * rows * w + 1, ew)  # every row segment, then a zero row
-                table[-1].zero_()
-                table[:-1].view(n, 3, rows, w, ew).copy_(img[b0 : b0 + n].unfold(3, ew, tx))
+                # every row segment, then zero rows at `zero + colour * plane` (colours 0, 1, 2)
+                zero = n * 3 * plane
+                table = img.new_empty(zero + 2 * plane + 1, ew)
+                table[zero::plane].zero_()
+                table[:zero].view(n, 3, rows, w, ew).copy_(img[b0 : b0 + n].unfold(3, ew, tx))
                 local = torch.arange(n, dtype=i32, device=dev).view(1, n)
                 yb = y32[:, b0 : b0 + n] * ty  # (C, n) first cut row of each window
                 base = (local * 3 * rows + yb) * w + x32[:, b0 : b0 + n]
-                idx = base.view(c, 1, 1, n) + offs.view(1, 3, eh, 1)
-                # rows outside the image and non-positive images read the zero row (it stays cached)
+                first = base.view(c, 1, n) + (u * w).view(1, eh, 1)  # (C, eh, n), colour 0
+                # rows outside the image and non-positive images read the zero rows (they stay cached)
                 row = yb.view(c, 1, n) + u.view(1, eh, 1)
                 keep = (row >= r_lo) & (row < r_hi) & positive[b0 : b0 + n].t().view(c, 1, n)
-                idx = torch.where(keep.view(c, 1, eh, n), idx, table.shape[0] - 1)
+                idx = torch.where(keep, first, zero).view(c, 1, eh, n) + colours  # (C, 3, eh, n)
                 part = F.embedding_bag(idx.reshape(c * 3 * eh, n), table, mode="sum")
                 acc += part.view(c, 3, eh, ew).to(torch.int64)
         else:
@@ -603,12 +620,20 @@ def crop_topk_patches(
     return out
 
 
-def pool_uint8(images: np.ndarray, factor: int, phase: tuple[int, int]) -> np.ndarray:
-    """uint8 images (N,3,H,W) sum-pooled as `pool_images`, then divided by f² (rounded half up):
-    the pixels of the top-k patches."""
-    f2 = factor * factor
-    pooled = pool_images(torch.from_numpy(np.ascontiguousarray(images)), factor, phase, torch.int64)
-    return ((pooled + f2 // 2) // f2).to(torch.uint8).numpy()
+def pool_uint8(images: np.ndarray, factor: int, phase: tuple[int, int], margin: int = 0) -> np.ndarray:
+    """uint8 images (N,3,H,W) sum-pooled as `pool_images`, then divided by f² (rounded half up),
+    inside `margin` zero cells on every side: the pixels of the top-k patches. float32 throughout:
+    the sums are exact there and f² is a power of two."""
+    source = torch.from_numpy(np.ascontiguousarray(images))
+    if factor == 1:
+        pooled = source
+    else:
+        sums = pool_images(source, factor, phase, torch.float32)
+        pooled = sums.add_(factor * factor // 2).mul_(1.0 / (factor * factor)).floor_().to(torch.uint8)
+    n, c, h, w = pooled.shape
+    out = np.zeros((n, c, h + 2 * margin, w + 2 * margin), dtype=np.uint8)
+    out[:, :, margin : margin + h, margin : margin + w] = pooled.numpy()
+    return out
 
 
 def cut_patches(
@@ -619,10 +644,11 @@ def cut_patches(
     topk_y: np.ndarray,
     topk_x: np.ndarray,
     out: np.ndarray,
+    margin: int = 0,
 ) -> None:
     """Write into `out` (C,k,3,p,p) the patch of every top-k hit whose image is among `indices`
-    (sorted dataset indices of the rows of `pool_uint8` output `pooled`), in one gather; zeros
-    outside the image."""
+    (sorted dataset indices of the rows of `pool_uint8(..., margin)` output `pooled`), in one
+    gather; zeros outside the image."""
     f, p = geometry.factor, geometry.size
     ci, ki = np.nonzero(np.isin(topk_image, indices))
     if not len(ci):
@@ -639,11 +665,12 @@ def cut_patches(
         + (1 if pw else 0)
         + topk_x[ci, ki].astype(np.int64) * geometry.stride[1] // f
     )
-    h, w = pooled.shape[-2:]
-    pad = int(max(0, -r.min(), -q.min(), (r + p).max() - h, (q + p).max() - w))
-    big = np.pad(pooled, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else pooled
+    h, w = pooled.shape[-2] - 2 * margin, pooled.shape[-1] - 2 * margin
+    need = int(max(0, -r.min(), -q.min(), (r + p).max() - h, (q + p).max() - w))
+    extra = max(0, need - margin)
+    big = np.pad(pooled, ((0, 0), (0, 0), (extra, extra), (extra, extra))) if extra else pooled
     windows = np.lib.stride_tricks.sliding_window_view(big, (p, p), axis=(2, 3))  # (N,3,H',W',p,p)
-    out[ci, ki] = windows[rows, :, r + pad, q + pad]
+    out[ci, ki] = windows[rows, :, r + margin + extra, q + margin + extra]
 
 
 @dataclass(frozen=True)

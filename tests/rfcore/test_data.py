@@ -88,9 +88,9 @@ def _angle_diff(a: float, b: float) -> float:
 
 
 def test_synthetic_classes_differ_in_orientation_frequency_and_colour() -> None:
-    ds = open_dataset("synthetic:200", size=64)
+    ds = open_dataset("synthetic:500", size=64)  # 50 images a class: the colour cue is a weak average
     for label, cls in enumerate(SYNTHETIC_CLASSES):
-        images = [ds.get(i)[0] for i in range(label, 200, 10)]
+        images = [ds.get(i)[0] for i in range(label, 500, 10)]
         orientation, cycles = _spectrum_peak(images)
         assert _angle_diff(orientation, cls.orientation) <= 10, (cls.name, orientation)
         assert abs(cycles - cls.cycles) <= 1.5, (cls.name, cycles)

@@ -323,6 +323,15 @@ def test_state_dict_roundtrip_and_shape_check() -> None:
         LayerReducer.from_state_dict(bad, geo)
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 50), (3, 2, 2**21 + 7)])  # one buffer; one image per buffer
+def test_nonzero_counts_match_a_brute_force_count(shape: tuple[int, int, int]) -> None:
+    gen = torch.Generator().manual_seed(1)
+    flat = torch.relu(torch.randn(shape, generator=gen))
+    flat[0, 0, :5] = torch.tensor([-0.0, 0.0, -1.0, math.nan, math.inf])
+    want = (flat.numpy() != 0).sum(axis=(0, 2))
+    np.testing.assert_array_equal(sweep_module.nonzero_counts(flat).numpy(), want)
+
+
 def test_packed_state_roundtrip() -> None:
     """`pack_state` keeps every array's bits (odd sizes padded to whole words, NaN and -0 kept)."""
     geo = PatchGeometry(1, 3, (-1, -1), (1, 1), (5, 5))
