@@ -7,6 +7,9 @@
   (b') the same with bfloat16 autocast (`amp=True`: CUDA, or a CPU with native bfloat16).
   lucent `render_vis`, when torch-lucent is installed.
 
+It also counts the arithmetic (FLOPs) of one step of (a) and of (b) per channel: their ratio is the
+speed-up that less work alone gives, at equal FLOP rates.
+
 (a)/(a') render `--single` channels and report their rate (each call costs the same, so the rate of
 a few calls is the rate of all). Defaults (the paper's 31 steps) take about three minutes on a
 2-core CPU.
@@ -65,6 +68,27 @@ def lucent_render_vis(model: nn.Module, layer: str, channel: int, config: am.Act
         show_image=False,
         progress=False,
     )
+
+
+def arithmetic(model: nn.Module, layer: str, objective: str, config: am.ActmaxConfig) -> tuple[float, float]:
+    """FLOPs of one optimization step for one channel: (a) Lucent's way, (b) rfatlas batched (per
+    image; two runs of 1 and 2 steps cancel the final forward pass). Their ratio is the speed-up that
+    (b) reaches by doing less arithmetic alone, at the same FLOP rate as (a)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(fn: Callable[[], object]) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return int(counter.get_total_flops())
+
+    one, two = replace(config, steps=1), replace(config, steps=2)
+    loop = flops(lambda: lucent_way(model, layer, 0, objective, one))
+    chans = list(range(4))
+    per_step = flops(lambda: am.actmax(model, layer, chans, objective=objective, config=two)) - flops(
+        lambda: am.actmax(model, layer, chans, objective=objective, config=one)
+    )
+    return loop / 1e9, per_step / len(chans) / 1e9
 
 
 def timed(label: str, n: int, fn: Callable[[], None], sync: Callable[[], object]) -> float:
@@ -154,6 +178,11 @@ def main() -> None:
             one_per_call(lambda c: lucent_render_vis(model, args.layer, c, config)),
             sync,
         )
+    loop_gflop, batched_gflop = arithmetic(model, args.layer, args.objective, config)
+    print(
+        f"arithmetic per channel-step: (a) {loop_gflop:.2f} GFLOP, (b) {batched_gflop:.2f} GFLOP: "
+        f"{loop_gflop / batched_gflop:.2f}x less work in (b)"
+    )
     print(f"speed-up (b)/(a) = {b / a:.2f}x   (b)/(a') = {b / a2:.2f}x", end="")
     print(f"   (b')/(a) = {b_amp / a:.2f}x" if b_amp else "   (b') skipped: no native bfloat16 here")
 
