@@ -296,6 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         marginal = (big - small) / (walls[big] - walls[small]) if walls[big] > walls[small] else float("nan")
         res["marginal_images_per_s"] = marginal
         res["ratio"] = marginal / bare_ips
+        # each repeat on its own: its two runs against the bare passes measured around them
+        paired = []
+        for r in range(args.repeats):
+            dt = runs[big][r]["wall"] - runs[small][r]["wall"]
+            ips = (big - small) / dt if dt > 0 else float("nan")
+            rep_bare = statistics.mean(bare[2 * r : 2 * r + 2])
+            paired.append(ips / rep_bare)
+            print(f"repeat {r + 1}: {ips:.2f} images/s against {rep_bare:.2f} bare = {ips / rep_bare:.2f}x")
+        res["paired_ratios"] = paired
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     if len(sizes) >= 2:
