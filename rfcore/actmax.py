@@ -3,7 +3,8 @@
 Image i of a batch serves channel cᵢ; the loss is the sum of the per-image objectives, the model is in
 eval mode and every random draw (init, transforms) comes from a generator seeded by (seed, cᵢ), so a
 channel rendered alone or inside any batch gets the same image (to float tolerance). The forward pass
-stops at the target layer and the model's parameters get no gradients.
+stops at the target layer and runs on a private copy of the model with frozen parameters and its
+BatchNorms folded into their convs (`rfcore.layers.folded_copy`).
 
 The objective is read from a conv's response before its ReLU (`Response.pre`: the BatchNorm output,
 e.g. `bn1(conv1)`, recorded as the `objective_tensor` attr): it has the same maximizer as the
@@ -31,7 +32,7 @@ import zarr
 from torch import Tensor, nn
 
 from rfcore.errors import ConfigMismatchError, RfatlasError, StoreError, UnknownLayerError
-from rfcore.layers import capture, list_layers, model_lock, resolve_layers, response_module
+from rfcore.layers import capture, folded_copy, list_layers, model_lock, resolve_layers, response_module
 from rfcore.precision import autocast
 from rfcore.receptive import Box, receptive_fields, rf_box
 from rfcore.schema import ArraySpec
@@ -339,53 +340,45 @@ def actmax(
     trace = torch.empty(cfg.steps, len(channels), device=device)
     micro = micro_batch or (8 if device.type == "cpu" else len(channels))
     chunks = [slice(lo, lo + micro) for lo in range(0, len(channels), micro)]
-    with model_lock(model):  # also held by the capture inside: requires_grad flags are shared too
-        frozen = [p for p in model.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            with capture(model, [target], stop_early=True) as cap:
-                for step in range(cfg.steps):
-                    optimizer.zero_grad(set_to_none=True)
-                    x = image.render()
-                    leaf = x.detach().requires_grad_(True)  # micro-batches accumulate into leaf.grad
-                    values = []
-                    for sl in chunks:
-                        with amp:
-                            act = cap.run(
-                                _transform(leaf[sl], cfg, gens[sl], grey).contiguous(
-                                    memory_format=CHANNELS_LAST
-                                )
-                            )[target]
-                        if step == 0 and (min(channels) < 0 or max(channels) >= act.shape[1]):
-                            raise ActmaxError(f"channels must be in 0-{act.shape[1] - 1} for layer {layer!r}")
-                        value = _objective(act, rows[sl], objective)
-                        loss = (_penalty(leaf[sl], cfg) - value).sum() if cfg.lam else -value.sum()
-                        torch.autograd.backward(loss)
-                        values.append(value.detach())
-                    torch.autograd.backward(x, leaf.grad)
-                    optimizer.step()
-                    trace[step] = torch.cat(values)
-                with torch.no_grad(), amp:
-                    x = image.render().contiguous(memory_format=CHANNELS_LAST)
-                    finals = []
-                    for sl in chunks:
-                        act = cap.run(x[sl])[target]
-                        finals.append(_objective(act, rows[sl], objective))
-                    final = torch.cat(finals).cpu()
-                    rgb = image.rgb().float().cpu()
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-        position = box = crop = None
-        if objective == "neuron":
-            height, width = act.shape[2:] if act.dim() == 4 else (1, 1)
-            position = (height // 2, width // 2)
-            rfs = receptive_fields(model, input_size=size)
-            if layer not in rfs:
-                raise UnknownLayerError(f"no receptive field known for layer {layer!r}")
-            box = rf_box(rfs[layer], position[0], position[1], (size, size))
-            crop = rf_crop(rgb, box)
+    with model_lock(model):  # no capture's hooks on the model while it is copied
+        net = folded_copy(model)  # private: parameters frozen, BatchNorms folded into their convs
+    with capture(net, [target], stop_early=True) as cap:
+        for step in range(cfg.steps):
+            optimizer.zero_grad(set_to_none=True)
+            x = image.render()
+            leaf = x.detach().requires_grad_(True)  # micro-batches accumulate into leaf.grad
+            values = []
+            for sl in chunks:
+                with amp:
+                    act = cap.run(
+                        _transform(leaf[sl], cfg, gens[sl], grey).contiguous(memory_format=CHANNELS_LAST)
+                    )[target]
+                if step == 0 and (min(channels) < 0 or max(channels) >= act.shape[1]):
+                    raise ActmaxError(f"channels must be in 0-{act.shape[1] - 1} for layer {layer!r}")
+                value = _objective(act, rows[sl], objective)
+                loss = (_penalty(leaf[sl], cfg) - value).sum() if cfg.lam else -value.sum()
+                torch.autograd.backward(loss)
+                values.append(value.detach())
+            torch.autograd.backward(x, leaf.grad)
+            optimizer.step()
+            trace[step] = torch.cat(values)
+        with torch.no_grad(), amp:
+            x = image.render().contiguous(memory_format=CHANNELS_LAST)
+            finals = []
+            for sl in chunks:
+                act = cap.run(x[sl])[target]
+                finals.append(_objective(act, rows[sl], objective))
+            final = torch.cat(finals).cpu()
+            rgb = image.rgb().float().cpu()
+    position = box = crop = None
+    if objective == "neuron":
+        height, width = act.shape[2:] if act.dim() == 4 else (1, 1)
+        position = (height // 2, width // 2)
+        rfs = receptive_fields(model, input_size=size)
+        if layer not in rfs:
+            raise UnknownLayerError(f"no receptive field known for layer {layer!r}")
+        box = rf_box(rfs[layer], position[0], position[1], (size, size))
+        crop = rf_crop(rgb, box)
     return ActmaxResult(
         layer=layer,
         objective=objective,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from rfcore.errors import RfatlasError, UnknownLayerError
-from rfcore.layers import LayerInfo, capture, list_layers, resolve_layers
+from rfcore.layers import LayerInfo, capture, folded_copy, list_layers, resolve_layers
 
 
 def _with_meta(model: nn.Module, name: str, size: int) -> nn.Module:
@@ -231,3 +232,57 @@ def test_capture_ignores_other_threads_and_serializes_captures(resnet18: nn.Modu
     waiter.join(timeout=10)
     assert entered.is_set() and _no_hooks(resnet18)
     assert out.shape[0] == 1
+
+
+class _SharedConvOutput(nn.Module):
+    """The conv's output feeds its BatchNorm and the sum: folding would change the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn2(self.conv2(self.bn(y) + y))
+
+
+class _Untraceable(_SharedConvOutput):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.mean()) > 100:  # data-dependent control flow: symbolic tracing fails
+            x = -x
+        return self.bn2(self.conv2(x))
+
+
+def _randomize_batchnorms(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None
+            with torch.no_grad():
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.copy_(torch.randn(t.shape, generator=gen))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("make", "folded"),
+    [(tvm.resnet18, 20), (_SharedConvOutput, 1), (_Untraceable, 0)],
+    ids=["resnet18", "shared-output", "untraceable"],
+)
+def test_folded_copy_computes_the_same_function(make: Callable[[], nn.Module], folded: int) -> None:
+    model = _randomize_batchnorms(make())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    net = folded_copy(model)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-4)
+    assert sum(isinstance(m, nn.Identity) for m in net.modules()) == folded
+    assert not any(p.requires_grad for p in net.parameters())
+    # the model itself is untouched
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == (20 if folded == 20 else 2)
+    # a model in training mode keeps its BatchNorms (their batch statistics cannot be folded)
+    assert not any(isinstance(m, nn.Identity) for m in folded_copy(model.train()).modules())

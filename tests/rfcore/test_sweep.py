@@ -180,16 +180,31 @@ def test_patch_geometry_rules() -> None:
     assert patch_geometry(RField((899, 899), (32, 32), (0.0, 0.0)), (224, 224), 64).factor == 16
 
 
+def _brute_pool(a: np.ndarray, factor: int, phase: tuple[int, int]) -> np.ndarray:
+    """Cell sums by loops: cells start at phase + factor * j, j from -1 when phase > 0."""
+    firsts = [p - factor if p else 0 for p in phase]
+    counts = [-(-(size - first) // factor) for size, first in zip(a.shape[-2:], firsts, strict=True)]
+    out = np.zeros((*a.shape[:2], *counts), np.int64)
+    for r in range(counts[0]):
+        for q in range(counts[1]):
+            y0, x0 = firsts[0] + factor * r, firsts[1] + factor * q
+            out[:, :, r, q] = a[:, :, max(y0, 0) : y0 + factor, max(x0, 0) : x0 + factor].sum(axis=(2, 3))
+    return out
+
+
 def test_pool_images_sums_cells_exactly() -> None:
-    img = torch.randint(0, 256, (2, 3, 10, 9), dtype=torch.uint8)
-    out = pool_images(img, 4, (3, 1), torch.int32)
-    ref = np.zeros((2, 3, 3, 3), np.int64)  # cells start at 3 + 4j (rows), 1 + 4j (cols); j from -1
+    img = torch.randint(0, 256, (2, 3, 37, 30), dtype=torch.uint8)
     a = img.numpy().astype(np.int64)
-    for r in range(3):
-        for q in range(3):
-            y0, x0 = 3 + 4 * (r - 1), 1 + 4 * (q - 1)
-            ref[:, :, r, q] = a[:, :, max(y0, 0) : y0 + 4, max(x0, 0) : x0 + 4].sum(axis=(2, 3))
-    np.testing.assert_array_equal(out.numpy(), ref)
+    cache: dict[tuple[int, int, int], torch.Tensor] = {}  # levels shared across factors and phases
+    cases = [
+        (f, (py, px)) for f in (16, 2, 8, 4, 1) for py in {0, 1, f - 1, f // 2} for px in {0, f - 1, 3 % f}
+    ]
+    for factor, phase in cases:
+        for shared in (cache, None):
+            out = pool_images(img, factor, phase, torch.int32, shared)
+            np.testing.assert_array_equal(out.numpy(), _brute_pool(a, factor, phase), f"f{factor} {phase}")
+    with pytest.raises(ValueError, match="power of two"):
+        pool_images(img, 3, (0, 0), torch.int32)
 
 
 @pytest.mark.parametrize(
@@ -330,6 +345,18 @@ def test_nonzero_counts_match_a_brute_force_count(shape: tuple[int, int, int]) -
     flat[0, 0, :5] = torch.tensor([-0.0, 0.0, -1.0, math.nan, math.inf])
     want = (flat.numpy() != 0).sum(axis=(0, 2))
     np.testing.assert_array_equal(sweep_module.nonzero_counts(flat).numpy(), want)
+
+
+@pytest.mark.parametrize("positions", [49, 784, 1031, 1024, 3136, 12544])  # direct; prime; blocks
+def test_spatial_max_matches_a_brute_force_first_argmax(positions: int) -> None:
+    gen = torch.Generator().manual_seed(positions)
+    flat = torch.randint(-3, 4, (5, 6, positions), generator=gen).float()  # many ties
+    flat[0, 0] = 0.0
+    flat[1, 1, -1] = 9.0  # the max in the last block
+    value, index = sweep_module.spatial_max(flat)
+    a = flat.numpy()
+    np.testing.assert_array_equal(value.numpy(), a.max(axis=2))
+    np.testing.assert_array_equal(index.numpy(), a.argmax(axis=2))  # NumPy: the first occurrence
 
 
 def test_packed_state_roundtrip() -> None:
