@@ -144,7 +144,8 @@ def pool_images(
     `phase + j * factor` (zeros outside the image; cell -1 is included when `phase > 0`). Exact
     integers in `dtype`. `factor` is a power of two: the sums are built by halving, each level from
     the one below (float32 sums of at most 255·f² < 2**24: exact); `cache` keeps those levels by
-    (factor, phase) for other factors of the same images."""
+    (factor, phase) for other factors of the same images (a float32 result is the cached tensor
+    itself: not to be changed in place)."""
     if factor & (factor - 1) or factor < 1:
         raise ValueError(f"factor must be a power of two, got {factor}")
     if factor == 1:
