@@ -13,7 +13,6 @@ from types import TracebackType
 from typing import Any
 
 import torch
-import torch.fx
 import torch.nn.utils.fusion
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -311,42 +310,92 @@ def response_map(model: nn.Module, input_size: int | None = None) -> dict[str, R
     return out
 
 
+def _output_tensors(out: Any) -> list[Tensor]:
+    """The tensors in a forward pass's output (a tensor, or nested tuples, lists and dicts of them)."""
+    if isinstance(out, Tensor):
+        return [out]
+    items = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    return [t for item in items for t in _output_tensors(item)]
+
+
+def _uses(roots: list[Tensor]) -> dict[Any, int]:
+    """How many times each autograd node of the graph behind `roots` is an input of another."""
+    uses: dict[Any, int] = {}
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen = set(stack)
+    while stack:
+        for source, _ in stack.pop().next_functions:
+            if source is not None:
+                uses[source] = uses.get(source, 0) + 1
+                if source not in seen:
+                    seen.add(source)
+                    stack.append(source)
+    return uses
+
+
 def folded_copy(model: nn.Module) -> nn.Module:
     """A copy of an eval-mode `model` with frozen parameters and each BatchNorm2d folded into the
     Conv2d that feeds it (`fuse_conv_bn_weights`) and replaced by `nn.Identity`: the same function up
     to float rounding, without the BatchNorm's pass over each activation (about a tenth of an act-max
-    step), module names kept (a capture of the BatchNorm's output reads the folded conv). A pair is
-    folded only where symbolic tracing shows the conv's output feeds nothing else and each module
-    runs once; a model that cannot be traced, or is in training mode, is copied unfolded."""
+    step), module names kept (a capture of the BatchNorm's output reads the folded conv).
+
+    One dummy forward of the copy (hooks on the copy only; symbolic tracing would patch
+    `Module.__call__` for the whole process, under other threads' forward passes) picks the pairs:
+    both modules run once, the BatchNorm's input is the conv's unchanged output, and in the autograd
+    graph nothing else uses that output. A model in training mode, or one the dummy input does not
+    fit, is copied unfolded."""
     net = copy.deepcopy(model)
     for p in net.parameters():
         p.requires_grad_(False)
     if model.training:
         return net
-    try:
-        graph = torch.fx.symbolic_trace(net).graph
-    except Exception:  # any tracing failure (dynamic control flow): keep the BatchNorms
-        return net
     modules = dict(net.named_modules())
-    runs: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            runs[str(node.target)] = runs.get(str(node.target), 0) + 1
-    for node in graph.nodes:
-        source = node.args[0] if node.op == "call_module" and len(node.args) == 1 else None
-        if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
+    seen: dict[str, list[tuple[Tensor, int]]] = {}  # conv: its outputs; BatchNorm: its inputs
+
+    def record(name: str, bn: bool) -> _Hook:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            tensor = inputs[0] if bn else output
+            seen.setdefault(name, []).append((tensor, int(tensor._version)))
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(record(n, isinstance(m, nn.BatchNorm2d)))
+        for n, m in modules.items()
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
+    ]
+    x = dummy_input(net, default_input_size(net)).requires_grad_(True)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            out = net(x)
+    except Exception:  # the real run reports what is wrong with the model; fold nothing
+        return net
+    finally:
+        for handle in handles:
+            handle.remove()
+    uses = _uses(_output_tensors(out))
+    outputs = {  # conv outputs (each conv run once), by tensor
+        id(calls[0][0]): (n, calls[0])
+        for n, calls in seen.items()
+        if len(calls) == 1 and isinstance(modules[n], nn.Conv2d)
+    }
+    for name, calls in seen.items():
+        bn = modules[name]
+        if not isinstance(bn, nn.BatchNorm2d) or len(calls) != 1 or bn.running_mean is None:
             continue
-        conv, bn = modules[str(source.target)], modules[str(node.target)]
-        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or bn.running_mean is None:
+        tensor, version = calls[0]
+        source = outputs.get(id(tensor))
+        if source is None or source[1][1] != version:
             continue
-        if runs[str(source.target)] != 1 or runs[str(node.target)] != 1:
-            continue
-        assert bn.running_var is not None
+        if int(tensor._version) != version or tensor.grad_fn is None or uses.get(tensor.grad_fn) != 1:
+            continue  # changed in place after the BatchNorm read it, or used elsewhere too
+        conv = modules[source[0]]
+        assert isinstance(conv, nn.Conv2d) and bn.running_var is not None
         weight, bias = torch.nn.utils.fusion.fuse_conv_bn_weights(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
         conv.weight, conv.bias = weight.requires_grad_(False), bias.requires_grad_(False)
-        parent, _, leaf = str(node.target).rpartition(".")
+        parent, _, leaf = name.rpartition(".")
         setattr(net.get_submodule(parent), leaf, nn.Identity())
     return net
 
