@@ -179,6 +179,10 @@ class _Tracer(fx.Tracer):
         self.module_nodes: dict[str, fx.Node] = {}
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            self.path_of_module(m)
+        except NameError:  # another model's module, run by another thread meanwhile: fx patches
+            return forward(*args, **kwargs)  # `Module.__call__` process-wide while it traces
         out = super().call_module(m, forward, args, kwargs)
         if isinstance(out, fx.Proxy):
             self.module_nodes[self.path_of_module(m)] = out.node
@@ -194,7 +198,8 @@ def _traced_geometry(model: nn.Module, input_size: int) -> dict[str, _Geo] | Non
     """Per-module output geometry propagated through the torch.fx graph; None if fx cannot trace."""
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        with model_lock(model):  # no hooked forward pass of this model in another thread meanwhile
+            graph = tracer.trace(model)
         gm = fx.GraphModule(model, graph)
         with torch.no_grad(), eval_mode(model):
             ShapeProp(gm).propagate(dummy_input(model, input_size))
