@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from torchvision import models as tvm
 
 from rfcore.actmax import ACTMAX_ARRAYS
 from rfcore.data import SkippedImage
@@ -107,3 +111,29 @@ def tiny_atlas(tmp_path: Path) -> tuple[str, dict[str, Any]]:
 def tiny_kit() -> SimpleNamespace:
     """The tiny atlas's builder and constants (test modules cannot import conftest by name)."""
     return SimpleNamespace(make=make_tiny_atlas, TINY=TINY, FLOW_RUN=FLOW_RUN)
+
+
+@pytest.fixture
+def other_thread_forwards() -> Iterator[Callable[[], list[Exception]]]:
+    """Forward passes of another model, in another thread, from the start of the test; the test
+    calls the fixture's value to stop them and get the errors they met."""
+    other, errors, stop = tvm.resnet18().eval(), [], threading.Event()
+
+    def forward_loop() -> None:
+        try:
+            with torch.no_grad():
+                while not stop.is_set():
+                    other(torch.zeros(1, 3, 32, 32))
+        except Exception as exc:  # reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=forward_loop)
+    thread.start()
+
+    def finish() -> list[Exception]:
+        stop.set()
+        thread.join()
+        return errors
+
+    yield finish
+    finish()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -237,27 +237,12 @@ def test_format_rf_table(resnet34: nn.Module) -> None:
     assert lines[1].index("kind") == row.index(" conv ") + 1
 
 
-def test_tracing_leaves_other_threads_forward_passes_alone(resnet18: nn.Module) -> None:
+def test_tracing_leaves_other_threads_forward_passes_alone(
+    resnet18: nn.Module, other_thread_forwards: Callable[[], list[Exception]]
+) -> None:
     """fx patches `Module.__call__` process-wide while it traces: another model's forward pass in
     another thread meanwhile must run as usual (it raised "module is not installed as a submodule"),
     and the traced fields must not change."""
-    other, errors, stop = tvm.resnet18().eval(), [], threading.Event()
-
-    def forward_loop() -> None:
-        try:
-            with torch.no_grad():
-                while not stop.is_set():
-                    other(torch.zeros(1, 3, 32, 32))
-        except Exception as exc:  # reported by the assertion below
-            errors.append(exc)
-
-    alone = receptive_fields(resnet18, 64)
-    thread = threading.Thread(target=forward_loop)
-    thread.start()
-    try:
-        together = [receptive_fields(resnet18, 64) for _ in range(4)]
-    finally:
-        stop.set()
-        thread.join()
-    assert errors == []
-    assert all(rfs == alone for rfs in together)
+    together = [receptive_fields(resnet18, 64) for _ in range(4)]
+    assert other_thread_forwards() == []
+    assert all(rfs == receptive_fields(resnet18, 64) for rfs in together)
