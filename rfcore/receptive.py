@@ -198,11 +198,13 @@ def _traced_geometry(model: nn.Module, input_size: int) -> dict[str, _Geo] | Non
     """Per-module output geometry propagated through the torch.fx graph; None if fx cannot trace."""
     tracer = _Tracer()
     try:
-        with model_lock(model):  # no hooked forward pass of this model in another thread meanwhile
+        # no hooked forward pass of this model in another thread meanwhile: tracing patches module
+        # calls and the shape propagation runs (and flips the mode flags of) the model's modules
+        with model_lock(model):
             graph = tracer.trace(model)
-        gm = fx.GraphModule(model, graph)
-        with torch.no_grad(), eval_mode(model):
-            ShapeProp(gm).propagate(dummy_input(model, input_size))
+            gm = fx.GraphModule(model, graph)
+            with torch.no_grad(), eval_mode(model):
+                ShapeProp(gm).propagate(dummy_input(model, input_size))
     except Exception:  # data-dependent control flow, untraceable ops, ...
         return None
     geos: dict[fx.Node, _Geo] = {}
